@@ -1,0 +1,137 @@
+"""CPU compatibility for megatron-core 0.16.1: run its CUDA-assuming code paths on the CPU.
+
+megatron-core hard-codes CUDA in a handful of places (``torch.cuda.current_device()`` as a
+``device=`` argument, ``.cuda()`` calls, ``param.type() == 'torch.cuda.FloatTensor'`` checks in the
+optimizers, the CUDA RNG tracker). This module redirects exactly those to the CPU so that the real
+megatron-core code (``GPTModel``, tensor/sequence/pipeline parallelism, megatron DDP, the
+distributed optimizer, ``dist_checkpointing``) runs in gloo process groups on machines without a
+GPU: our tests, CI and CPU demo runs.
+
+It is **opt-in** and refuses to activate when CUDA is available: a GPU run never goes through it.
+
+Usage::
+
+    from megatron_ift import cpu_compat
+    cpu_compat.enable()          # once per process, before building models
+    ...
+    cpu_compat.model_parallel_seed(1234)   # after parallel_state.initialize_model_parallel
+
+What it changes (each measured as needed with megatron-core 0.16.1 and torch 2.13 CPU):
+
+* ``torch.cuda.current_device`` answers the CPU device; ``torch.cuda.synchronize`` and a few
+  other no-op queries (memory stats, streams) do nothing instead of raising.
+* one :class:`torch.overrides.TorchFunctionMode` maps any CUDA ``device=`` argument, ``.cuda()``
+  and ``.to(<cuda>)`` to the CPU, and makes ``Tensor.type()`` (no argument) report the CUDA type
+  name, which megatron-core's optimizers check.
+* the RNG tracker is seeded through ``model_parallel_cuda_manual_seed(..., inference_rng_tracker=
+  True)``, whose tracker does not touch CUDA RNG state (exact while dropout is 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+_MODE: "_CudaToCpuMode | None" = None
+_CPU = torch.device("cpu")
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.int8: "torch.cuda.CharTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare integer is a CUDA ordinal for torch's factory functions.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placements to the CPU for every torch function call in scope."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _CUDA_TYPE_NAMES.get(args[0].dtype, "torch.cuda.FloatTensor")
+        if func is torch.Tensor.to:
+            args = tuple(_CPU if _is_cuda_device(a) and not isinstance(a, int) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def is_enabled() -> bool:
+    """Whether :func:`enable` has run in this process."""
+    return _ENABLED
+
+
+def enable() -> None:
+    """Activate the CPU redirection for the rest of this process (idempotent).
+
+    Raises:
+        RuntimeError: if CUDA is available: GPU runs must use the real CUDA paths.
+    """
+    global _ENABLED, _MODE
+    if _ENABLED:
+        return
+    if torch.cuda.is_available() and os.environ.get("MEGATRON_IFT_FORCE_CPU") != "1":
+        raise RuntimeError(
+            "megatron_ift.cpu_compat.enable() was called on a machine with CUDA. The CPU "
+            "compatibility layer is for CPU-only runs and tests; remove the call (or set "
+            "MEGATRON_IFT_FORCE_CPU=1 to deliberately run on the CPU)."
+        )
+    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
+    torch.cuda.default_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    _ENABLED = True
+
+
+class _NullStream:
+    """Stands in for a CUDA stream: waits and records are no-ops on the CPU."""
+
+    def wait_stream(self, *_a, **_k) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def record_event(self, *_a, **_k) -> None:
+        return None
+
+
+def model_parallel_seed(seed: int) -> None:
+    """Seed torch and megatron-core's model-parallel RNG tracker without touching CUDA.
+
+    Call after ``parallel_state.initialize_model_parallel``. The inference tracker keeps plain
+    ``torch`` RNG state, which is exact for dropout-free models (our CPU tests and demos).
+    """
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)

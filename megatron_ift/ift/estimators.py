@@ -1,0 +1,222 @@
+"""Vocab-parallel token estimators (IFT step 1): only token ids leave these functions.
+
+Inputs are the local logits shard ``[b, s, v/tp]`` (rank r holds global ids
+``[r * v/tp, (r + 1) * v/tp)``, megatron-core's vocab split). Columns at or beyond ``vocab_size``
+are Megatron's vocabulary padding and are never chosen. Results are identical for every
+tensor-parallel degree:
+
+* ``greedy``: argmax, ties to the lowest global id (two [b, s] all-reduces: MAX then MIN).
+* ``kth``: the k-th entry of the order (logit desc, id asc): k rounds of greedy, each excluding
+  the previous winner.
+* ``sample``: Gumbel-max over ``z / T + g``; the noise ``g`` is a counter-based hash of (seed,
+  step, sample id, position, *global* vocab id), so no rank needs another's noise.
+* ``top_p``: nucleus sampling. Nucleus membership is decided on fixed-point integer
+  probabilities (``round(exp(z/T - max) * 2**40)``) whose sums are exact, so the nucleus does not
+  depend on the reduction order; a binary search over the integer threshold then keeps the
+  smallest set of top tokens whose mass reaches ``p`` (ties at the threshold all kept), and
+  Gumbel-max samples inside it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ift.ift._dist import ProcessGroup, all_reduce_, group_rank_world
+from megatron_ift.ift.config import IFTConfig
+
+_NO_ID = torch.iinfo(torch.int64).max
+_FIXED_POINT_BITS = 40
+_MASK32 = 0xFFFFFFFF
+
+
+def _valid_view(logits: torch.Tensor, vocab_size: int, group: ProcessGroup):
+    """The local columns that are real vocabulary entries, and the shard's first global id."""
+    rank, _ = group_rank_world(group)
+    part = logits.shape[-1]
+    vocab_start = rank * part
+    n_valid = max(0, min(part, vocab_size - vocab_start))
+    return logits[..., :n_valid], vocab_start
+
+
+def _argmax_global(scores: torch.Tensor, vocab_start: int, group: ProcessGroup) -> torch.Tensor:
+    """Global argmax over vocab-sharded ``scores [..., v_local]``, ties to the lowest global id."""
+    lead = scores.shape[:-1]
+    if scores.shape[-1] == 0:
+        best = torch.full(lead, -math.inf, dtype=torch.float64, device=scores.device)
+        local_ids = torch.full(lead, _NO_ID, dtype=torch.int64, device=scores.device)
+    else:
+        # float64 holds every float32/bf16 value exactly, so MAX and equality stay exact.
+        best = scores.amax(dim=-1).to(torch.float64)
+        local_ids = scores.argmax(dim=-1) + vocab_start  # argmax returns the first maximum
+    global_best = all_reduce_(best.clone(), dist.ReduceOp.MAX, group)
+    cand = torch.where(best == global_best, local_ids, torch.full_like(local_ids, _NO_ID))
+    return all_reduce_(cand, dist.ReduceOp.MIN, group)
+
+
+def greedy(logits: torch.Tensor, vocab_size: int, group: ProcessGroup = None) -> torch.Tensor:
+    """Argmax token ids ``[b, s]`` of vocab-parallel ``logits [b, s, v/tp]``."""
+    valid, start = _valid_view(logits, vocab_size, group)
+    return _argmax_global(valid, start, group)
+
+
+def kth(logits: torch.Tensor, k: int, vocab_size: int, group: ProcessGroup = None) -> torch.Tensor:
+    """The k-th most likely token (order: logit descending, id ascending)."""
+    if k > vocab_size:
+        raise ValueError(f"kth estimator: k={k} exceeds the vocabulary size {vocab_size}")
+    valid, start = _valid_view(logits, vocab_size, group)
+    work = valid.detach().clone()
+    for _ in range(k - 1):
+        ids = _argmax_global(work, start, group)
+        local = ids - start
+        here = (local >= 0) & (local < work.shape[-1])
+        if bool(here.any()):
+            # Exclude this round's winner on the rank that owns it.
+            idx = local.clamp(0, work.shape[-1] - 1).unsqueeze(-1)
+            cur = work.gather(-1, idx)
+            work.scatter_(-1, idx, torch.where(here.unsqueeze(-1), -math.inf, cur))
+    return _argmax_global(work, start, group)
+
+
+# --- counter-based noise -------------------------------------------------------------------
+
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(x * m) mod 2**32 for x in [0, 2**32), without int64 overflow."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * m + (((hi * m) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (lowbias32): well-distributed, exact on every device."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(
+    seed: int,
+    step: int,
+    sample_ids: torch.Tensor,
+    positions: torch.Tensor,
+    vocab_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Standard Gumbel noise ``[b, s, v]`` keyed on (seed, step, sample, position, vocab id).
+
+    Args:
+        sample_ids: ``[b]`` global sample indices.
+        positions: ``[s]`` positions in the sequence.
+        vocab_ids: ``[v]`` *global* vocabulary ids of the local shard.
+    """
+    dev = vocab_ids.device
+    h = _hash32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=dev))
+    h = _hash32(h ^ (step & _MASK32))
+    h = _hash32(h ^ (sample_ids.to(dev, torch.int64) & _MASK32))[:, None]  # [b, 1]
+    h = _hash32(h ^ (positions.to(dev, torch.int64) & _MASK32)[None, :])  # [b, s]
+    h = _hash32(h[..., None] ^ (vocab_ids.to(torch.int64) & _MASK32))  # [b, s, v]
+    u = ((h >> 8).to(torch.float64) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), exact
+    return (-torch.log(-torch.log(u))).to(torch.float32)
+
+
+def _integer_probs(scaled: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Fixed-point probabilities ``round(exp(scaled - global max) * 2**40)`` (int64, exact sums)."""
+    lead = scaled.shape[:-1]
+    local_max = (
+        scaled.amax(dim=-1).to(torch.float64)
+        if scaled.shape[-1]
+        else torch.full(lead, -math.inf, dtype=torch.float64, device=scaled.device)
+    )
+    gmax = all_reduce_(local_max, dist.ReduceOp.MAX, group)
+    probs = torch.exp(scaled.to(torch.float64) - gmax[..., None])
+    return torch.round(probs * float(1 << _FIXED_POINT_BITS)).to(torch.int64)
+
+
+def _nucleus_threshold(q: torch.Tensor, top_p: float, group: ProcessGroup) -> torch.Tensor:
+    """Largest integer threshold tau with mass(q >= tau) >= ceil(p * total), per row."""
+    total = all_reduce_(q.sum(dim=-1), dist.ReduceOp.SUM, group)
+    target = torch.ceil(total.to(torch.float64) * top_p).to(torch.int64).clamp(min=1)
+    lo = torch.zeros_like(total)
+    hi = torch.full_like(total, (1 << _FIXED_POINT_BITS) + 1)
+    for _ in range(_FIXED_POINT_BITS + 2):
+        mid = (lo + hi) // 2
+        mass = torch.where(q >= mid[..., None], q, torch.zeros_like(q)).sum(dim=-1)
+        ok = all_reduce_(mass, dist.ReduceOp.SUM, group) >= target
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return lo
+
+
+def sample(
+    logits: torch.Tensor,
+    vocab_size: int,
+    *,
+    temperature: float,
+    seed: int,
+    step: int,
+    sample_ids: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+    top_p: Optional[float] = None,
+    group: ProcessGroup = None,
+) -> torch.Tensor:
+    """Temperature (optionally nucleus) sampling by Gumbel-max, row by row to bound memory."""
+    valid, start = _valid_view(logits, vocab_size, group)
+    b, s = logits.shape[:2]
+    positions = torch.arange(s, device=logits.device) if positions is None else positions
+    vocab_ids = torch.arange(start, start + valid.shape[-1], device=logits.device)
+    out = []
+    for i in range(b):
+        scaled = valid[i : i + 1].detach().to(torch.float32) / temperature  # [1, s, v_local]
+        scores = scaled + gumbel_noise(seed, step, sample_ids[i : i + 1], positions, vocab_ids)
+        if top_p is not None:
+            q = _integer_probs(scaled, group)
+            tau = _nucleus_threshold(q, top_p, group)
+            scores = scores.masked_fill(q < tau[..., None], -math.inf)
+        out.append(_argmax_global(scores, start, group))
+    return torch.cat(out, dim=0)
+
+
+def estimate(
+    logits: torch.Tensor,
+    cfg: IFTConfig,
+    vocab_size: int,
+    *,
+    step: int = 0,
+    sample_ids: Optional[torch.Tensor] = None,
+    group: ProcessGroup = None,
+) -> torch.Tensor:
+    """The configured estimator on vocab-parallel ``logits [b, s, v/tp]``; returns ids ``[b, s]``.
+
+    ``yhat[:, t]`` is the estimate of token ``t + 1`` (the model's guess for label ``t``).
+
+    Args:
+        vocab_size: the true (unpadded) vocabulary size; padded columns are never chosen.
+        step: optimizer step (keys the sampling noise).
+        sample_ids: ``[b]`` global sample indices (keys the sampling noise); default ``arange(b)``.
+        group: the tensor-parallel group over which the vocabulary is split.
+    """
+    _, world = group_rank_world(group)
+    if vocab_size > logits.shape[-1] * world:
+        raise ValueError(
+            f"vocab_size={vocab_size} exceeds the logits' vocabulary "
+            f"({logits.shape[-1]} x {world} ranks); the tokenizer does not match the model"
+        )
+    if cfg.estimator == "greedy":
+        return greedy(logits, vocab_size, group)
+    if cfg.estimator == "kth":
+        return kth(logits, cfg.k, vocab_size, group)
+    if sample_ids is None:
+        sample_ids = torch.arange(logits.shape[0], device=logits.device)
+    return sample(
+        logits,
+        vocab_size,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        step=step,
+        sample_ids=sample_ids,
+        top_p=cfg.top_p if cfg.estimator == "top_p" else None,
+        group=group,
+    )

@@ -1,0 +1,160 @@
+"""Build megatron-core ``GPTModel`` chunks from a :class:`ModelConfig` and a parallel layout.
+
+Layer spec: megatron-core's Transformer Engine spec when TE is importable and a GPU is present
+(``transformer_impl`` ``auto`` or ``transformer_engine``), else the local spec with torch norms
+that support sequence parallelism (:mod:`megatron_ift.models.norm`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ift.models.config import ModelConfig
+from megatron_ift.models.norm import TorchNorm
+from megatron_ift.parallel import ParallelConfig
+from megatron_ift.validation import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def te_available() -> bool:
+    """Transformer Engine importable and a CUDA device present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_transformer_impl(model: ModelConfig) -> str:
+    """``local`` or ``transformer_engine``; raises when TE is asked for but unusable."""
+    if model.transformer_impl == "auto":
+        return "transformer_engine" if te_available() else "local"
+    if model.transformer_impl == "transformer_engine" and not te_available():
+        raise ConfigError(
+            "model.transformer_impl='transformer_engine' needs a CUDA GPU and the "
+            "transformer-engine package (pip install 'megatron-ift[gpu]'); use "
+            "model.transformer_impl=local on CPU"
+        )
+    return model.transformer_impl
+
+
+def transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    use_cpu_initialization: Optional[bool] = None,
+    **overrides: Any,
+) -> TransformerConfig:
+    """megatron-core ``TransformerConfig`` for ``model`` split as ``parallel``.
+
+    Args:
+        use_cpu_initialization: initialise full weights on the CPU then split them, which makes
+            the initial weights independent of the tensor-parallel degree (default: on without
+            CUDA).
+        overrides: extra ``TransformerConfig`` fields (recomputation, FP8, ...).
+    """
+    parallel.check_model(model.num_layers, model.num_attention_heads, model.query_groups)
+    dtype = _DTYPES[model.params_dtype]
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        kv_channels=model.kv_channels,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        use_cpu_initialization=use_cpu_initialization,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        deallocate_pipeline_outputs=True,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: Optional[int]) -> ModuleSpec:
+    """Block spec for this stage's layers (TE spec on GPU, local spec + torch norms otherwise)."""
+    if resolve_transformer_impl(model) == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    layer = get_gpt_layer_local_spec(normalization=model.normalization)
+    layer.submodules.input_layernorm = TorchNorm
+    layer.submodules.pre_mlp_layernorm = TorchNorm
+    num = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num, layer_norm=TorchNorm),
+    )
+
+
+def build_gpt_chunks(
+    model: ModelConfig, parallel: ParallelConfig, config: Optional[TransformerConfig] = None
+) -> list[GPTModel]:
+    """This rank's model chunks (one, or ``virtual_pipeline_model_parallel_size`` with VPP).
+
+    Requires megatron-core's process groups (:func:`megatron_ift.parallel.init_distributed`).
+    """
+    config = config or transformer_config(model, parallel)
+    tp = parallel.tensor_model_parallel_size
+    chunks = []
+    for vp in range(parallel.vpp):
+        vp_stage = vp if parallel.virtual_pipeline_model_parallel_size else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(model, config, vp_stage),
+            vocab_size=model.padded_vocab_size(tp),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type=model.position_embedding_type,
+            rotary_percent=model.rotary_percent,
+            rotary_base=model.rotary_base,
+            rope_scaling=model.rope_scaling,
+            rope_scaling_factor=model.rope_scaling_factor,
+            vp_stage=vp_stage,
+        )
+        chunks.append(chunk)
+    return chunks

@@ -1,0 +1,186 @@
+"""Single-process reference of the IFT method, written straight from shared/IFT_SPEC.md.
+
+Plain PyTorch on full-vocabulary tensors in ``[batch, seq, vocab]`` layout, with explicit Python
+loops over samples and positions: slow, obvious, float64 capable. It shares no code with the
+production path (``megatron_ift.ift``) and is the oracle every parallel test compares against.
+
+Conventions (spec): ``labels[t] = tokens[t + 1]``; ``loss_mask[t] = 1`` where ``labels[t]`` is an
+answer token. ``segment_ids`` (optional ``[b, s]``) marks packed samples; every contiguous run of
+equal ids is one sample. Documented choices beyond the spec, mirrored by the production code:
+
+* a sample with ``n = 0`` trained tokens contributes nothing and is not counted in the mean;
+* if all weights of a sample vanish (every item exactly 0), its weights fall back to uniform.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from megatron_ift.ift.config import IFTConfig
+
+
+def _segments(row_ids: Optional[torch.Tensor], s: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) runs of one row's segment ids (the whole row without ids)."""
+    if row_ids is None:
+        return [(0, s)]
+    runs, start = [], 0
+    for t in range(1, s + 1):
+        if t == s or int(row_ids[t]) != int(row_ids[t - 1]):
+            runs.append((start, t))
+            start = t
+    return runs
+
+
+def estimated_tokens(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    cfg: IFTConfig,
+    step: int = 0,
+    *,
+    segment_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The estimated sequence ``xhat`` of spec step 2 for the deterministic estimators.
+
+    Args:
+        logits: ``[b, s, V]`` logits over the true vocabulary of the ground-truth pass.
+        tokens: ``[b, s]`` input ids. loss_mask: ``[b, s]``. cfg: ``greedy`` or ``kth``.
+        step: unused by deterministic estimators (kept for interface stability).
+    """
+    del step
+    if cfg.estimator not in ("greedy", "kth"):
+        raise NotImplementedError("the reference covers the deterministic estimators only")
+    b, s, _ = logits.shape
+    rank = 1 if cfg.estimator == "greedy" else cfg.k
+    out = tokens.clone()
+    for i in range(b):
+        seg_start = {start for start, _ in _segments(None if segment_ids is None else segment_ids[i], s)}
+        for t in range(1, s):
+            if loss_mask[i, t - 1] and t not in seg_start:
+                order = torch.sort(logits[i, t - 1], descending=True, stable=True).indices
+                out[i, t] = order[rank - 1]
+    return out
+
+
+def _discounted(items: list[torch.Tensor], gamma: float, reverse: bool) -> list[torch.Tensor]:
+    n = len(items)
+    out = []
+    for t in range(n):
+        ks = range(t, n) if not reverse else range(0, t + 1)
+        terms = [gamma ** abs(k - t) * items[k] for k in ks]
+        out.append(torch.stack(terms).sum())
+    return out
+
+
+def ift_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    cfg: IFTConfig,
+    segment_ids: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """IFT loss (spec steps 4-5) and metrics for one micro-batch of the optimisation pass.
+
+    Returns:
+        ``(loss, metrics)``: the batch loss under ``cfg.aggregation`` (differentiable) and a
+        dict with ``loss_mixed_sft``, ``weight_max``, ``weight_entropy``, ``num_samples``.
+    """
+    b, s, _ = logits.shape
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logps = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [b, s]
+    mask = loss_mask.to(logps.dtype)
+
+    samples = []  # (row, start, end)
+    for i in range(b):
+        for start, end in _segments(None if segment_ids is None else segment_ids[i], s):
+            samples.append((i, start, end))
+
+    # Per-sample discounted sums c (list of per-position scalars).
+    per_sample_c = []
+    for i, start, end in samples:
+        m = [mask[i, t] for t in range(start, end)]
+        n = sum(float(x) for x in m)
+        p = logps[i, start:end].detach() if cfg.detach_weights else logps[i, start:end]
+        items = []
+        for j, t in enumerate(range(start, end)):
+            if cfg.propagation_type == "loss":
+                a = -p[j] / n if n > 0 else torch.zeros((), dtype=logps.dtype)
+            elif cfg.propagation_type == "logps":
+                a = -p[j]
+            else:
+                a = torch.ones((), dtype=logps.dtype)
+            items.append(a * m[j])
+        c = _discounted(items, cfg.gamma, reverse=cfg.propagation_side == "right")
+        if cfg.propagation_side == "right":
+            c = [c[j] if m[j] > 0 else torch.tensor(1e6, dtype=logps.dtype) for j in range(len(c))]
+        per_sample_c.append(c)
+
+    if cfg.propagation_side == "right":
+        nonzero = [x for c in per_sample_c for x in c if float(x) != 0.0]
+        cmin = torch.stack(nonzero).min()
+        per_sample_c = [[x + cmin for x in c] for c in per_sample_c]
+
+    losses, mixed, counts_tokens, entropies, wmax = [], [], [], [], []
+    total_weighted = torch.zeros((), dtype=logps.dtype)
+    for (i, start, end), c in zip(samples, per_sample_c):
+        m = mask[i, start:end]
+        n = float(m.sum())
+        if cfg.gamma == 0.0:
+            w = m.clone()
+        else:
+            c = torch.stack(c)
+            left = cfg.propagation_side == "left"
+            if cfg.propagation_norm == "L1":
+                w = c if left else 1.0 / c
+            elif cfg.propagation_norm == "L2":
+                w = c**2 if left else 1.0 / c**2
+            elif cfg.propagation_norm == "log":
+                w = torch.log(c + 1) if left else 1.0 / torch.log(c + 1)
+            else:
+                v = c if left else 1.0 / c
+                trained = [j for j in range(len(v)) if m[j] > 0]
+                w = torch.zeros_like(v)
+                if trained:
+                    sm = torch.softmax(v[trained], dim=0)
+                    w = w.index_put((torch.tensor(trained),), sm)
+            w = w * m
+            total = w.sum()
+            w = w * n / total if float(total) > 0 else m.clone()
+        if n == 0:
+            continue
+        lp = logps[i, start:end]
+        weighted = (-lp * w * m).sum()
+        total_weighted = total_weighted + weighted
+        losses.append(weighted / n)
+        mixed.append((-lp * m).sum().detach())
+        counts_tokens.append(n)
+        q = (w / n).detach()
+        entropies.append(float(sum(-x * math.log(x) for x in q.tolist() if x > 0)))
+        wmax.append(float(w.detach().max()))
+
+    if not losses:
+        loss = (logps * 0).sum()
+        mixed_sft = 0.0
+    elif cfg.aggregation == "sample_mean":
+        loss = torch.stack(losses).mean()
+        mixed_sft = float(sum(float(x) / n for x, n in zip(mixed, counts_tokens)) / len(losses))
+    else:
+        loss = total_weighted / sum(counts_tokens)
+        mixed_sft = float(sum(float(x) for x in mixed) / sum(counts_tokens))
+    metrics = {
+        "loss_mixed_sft": mixed_sft,
+        "weight_max": max(wmax) if wmax else 0.0,
+        "weight_entropy": sum(entropies) / len(entropies) if entropies else 0.0,
+        "num_samples": float(len(losses)),
+    }
+    return loss, metrics
+
+
+def mixed_inputs(
+    embedding: torch.Tensor, tokens: torch.Tensor, tokens_hat: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """``(1 - lam) * E[x] + lam * E[xhat]`` for a full embedding table ``E [V, h]``."""
+    return (1.0 - lam) * embedding[tokens] + lam * embedding[tokens_hat]

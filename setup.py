@@ -1,0 +1,37 @@
+"""megatron-ift: Intuitive Fine-Tuning on megatron-core GPT models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ift",
+    version="0.1.0",
+    description="Intuitive Fine-Tuning (IFT) for tensor/pipeline-parallel megatron-core GPT models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ift", "megatron_ift.*"]),
+    include_package_data=True,
+    install_requires=[
+        # The CPU build of torch 2.13.0: an unpinned torch pulls gigabytes of CUDA wheels.
+        "torch==2.13.0",
+        # Newest megatron-core that installs on Python 3.11.
+        "megatron-core==0.16.1",
+        # Without psutil a dist_checkpointing save's writer process dies and the save hangs.
+        "psutil>=5.9",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "transformers>=4.44",
+        "datasets>=2.20",
+        "tensorboard>=2.14",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # GPU: Transformer Engine layers and FP8 (needs CUDA; imported lazily).
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "tools": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["megatron-ift=megatron_ift.cli:main"]},
+)
