@@ -11,6 +11,7 @@ import importlib.util
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -104,6 +105,12 @@ def transformer_config(
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
     )
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        # gloo matches point-to-point messages between two ranks in posting order; batched
+        # p2p ops post "send to prev" before "send to next", which swaps activations and
+        # gradients when prev == next (interleaved pipeline with PP = 2). Unbatched p2p orders
+        # sends and receives by rank parity and is exact.
+        kwargs["batch_p2p_comm"] = False
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

@@ -44,3 +44,59 @@ def dump(path: str, obj) -> None:
     if rank() == 0:
         with open(path, "w") as f:
             json.dump(obj, f)
+
+
+def make_global_batch(num_samples: int, seq: int, vocab: int, seed: int = 0, packed: bool = False):
+    """A deterministic global batch of SFT-style samples: random prompt lengths, answer masks.
+
+    Returns a dict of tensors ``[num_samples, seq]`` (Megatron convention: labels = tokens
+    shifted left, loss_mask over labels).
+    """
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (num_samples, seq + 1), generator=g)
+    loss_mask = torch.zeros(num_samples, seq)
+    segment_ids = torch.zeros(num_samples, seq, dtype=torch.long)
+    position_ids = torch.arange(seq).repeat(num_samples, 1)
+    for i in range(num_samples):
+        prompt = int(torch.randint(1, seq // 2, (1,), generator=g))
+        end = seq - int(torch.randint(0, 3, (1,), generator=g))
+        loss_mask[i, prompt - 1 : end - 1] = 1.0
+    if num_samples > 1:
+        loss_mask[1] = 0.0  # an all-prompt sample: n = 0
+    batch = {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        "sample_ids": torch.arange(num_samples),
+    }
+    return batch
+
+
+def split_microbatches(batch, dp_rank: int, dp_size: int, mbs: int):
+    """This DP rank's micro-batches: the global batch is split into contiguous DP slices."""
+    n = batch["tokens"].shape[0]
+    per_rank = n // dp_size
+    lo = dp_rank * per_rank
+    out = []
+    for start in range(lo, lo + per_rank, mbs):
+        out.append({k: v[start : start + mbs] for k, v in batch.items()})
+    return out
+
+
+def save_grads_as_model(chunks, path: str) -> None:
+    """Save each parameter's gradient (``main_grad`` or ``grad``) in the model's own sharded
+    layout, so a single process can load it back at TP1/PP1 and compare."""
+    from megatron_ift.checkpoint.model_io import save_model, unwrap
+
+    saved = []
+    for c in chunks:
+        for p in unwrap(c).parameters():
+            g = getattr(p, "main_grad", None)
+            if g is None:
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+            saved.append((p, p.data.clone()))
+            p.data.copy_(g)
+    save_model(chunks, path)
+    for p, d in saved:
+        p.data.copy_(d)

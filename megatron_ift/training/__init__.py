@@ -1,0 +1,1 @@
+"""Training: the two-pass IFT step on megatron-core schedules, model/optimizer set-up, the loop."""

@@ -1,0 +1,175 @@
+"""Model, DDP, optimizer and LR scheduler set-up on megatron-core, from our frozen configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ift.models.config import ModelConfig
+from megatron_ift.models.gpt import build_gpt_chunks, transformer_config
+from megatron_ift.parallel import ParallelConfig
+from megatron_ift.validation import ConfigError, check_choice, check_positive_int, check_range
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Optimizer, learning-rate schedule and mixed-precision loss scaling."""
+
+    optimizer: str = "adam"
+    """``adam`` (AdamW, decoupled weight decay) or ``sgd``."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    sgd_momentum: float = 0.0
+    """SGD momentum."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    lr_decay_style: str = "cosine"
+    """``cosine``, ``linear`` or ``constant`` after warm-up."""
+    lr_warmup_fraction: float = 0.0
+    """Warm-up length as a fraction of the run (the paper's recipe: 0.15)."""
+    lr_warmup_steps: int = 0
+    """Warm-up length in steps (used when lr_warmup_fraction is 0)."""
+    initial_loss_scale: float = 2.0**16
+    """fp16 only: initial dynamic loss scale."""
+    loss_scale: Optional[float] = None
+    """fp16 only: a static loss scale instead of the dynamic one."""
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer.optimizer", self.optimizer, ("adam", "sgd"))
+        check_choice("optimizer.lr_decay_style", self.lr_decay_style, ("cosine", "linear", "constant"))
+        check_range("optimizer.lr", self.lr, 0.0, low_inclusive=False)
+        check_range("optimizer.min_lr", self.min_lr, 0.0, self.lr)
+        check_range("optimizer.weight_decay", self.weight_decay, 0.0)
+        check_range("optimizer.clip_grad", self.clip_grad, 0.0)
+        check_range("optimizer.lr_warmup_fraction", self.lr_warmup_fraction, 0.0, 1.0,
+                    high_inclusive=False)
+        check_positive_int("optimizer.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            check_range(f"optimizer.{name}", getattr(self, name), 0.0, 1.0, high_inclusive=False)
+
+
+def build_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    freeze_input_embedding: bool = False,
+    transformer_overrides: Optional[dict[str, Any]] = None,
+) -> tuple[list[DistributedDataParallel], TransformerConfig]:
+    """This rank's chunks wrapped in megatron-core DDP, and their ``TransformerConfig``.
+
+    Args:
+        freeze_input_embedding: stop training an untied input embedding (IFT's ``detached``
+            mixing embeddings, as in the reference trainer).
+    """
+    config = transformer_config(model, parallel, **(transformer_overrides or {}))
+    config.calculate_per_token_loss = True
+    chunks = build_gpt_chunks(model, parallel, config)
+    if freeze_input_embedding and not model.tie_embeddings:
+        for c in chunks:
+            if c.pre_process:
+                for p in c.embedding.word_embeddings.parameters():
+                    p.requires_grad_(False)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        bucket_size=None,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=ddp_config,
+            module=c,
+            # Only the first chunk's buckets overlap with compute in interleaved schedules.
+            disable_bucketing=(i > 0),
+        )
+        for i, c in enumerate(chunks)
+    ]
+    for w in wrapped:
+        w.broadcast_params()
+    config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    if parallel.overlap_grad_reduce:
+        config.grad_sync_func = [w.start_grad_sync for w in wrapped]
+        if len(wrapped) == 1:
+            config.grad_sync_func = config.grad_sync_func[0]
+    return wrapped, config
+
+
+def build_optimizer(
+    chunks: Sequence[DistributedDataParallel],
+    optim: OptimizerConfig,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    config: TransformerConfig,
+):
+    """megatron-core's optimizer (distributed when configured), wired for loss scaling."""
+    mcfg = MegatronOptimizerConfig(
+        optimizer=optim.optimizer,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        sgd_momentum=optim.sgd_momentum,
+        clip_grad=optim.clip_grad,
+        bf16=model.params_dtype == "bfloat16",
+        fp16=model.params_dtype == "float16",
+        params_dtype=config.params_dtype,
+        initial_loss_scale=optim.initial_loss_scale,
+        loss_scale=optim.loss_scale,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_param_gather=parallel.overlap_param_gather,
+    )
+    optimizer = get_megatron_optimizer(mcfg, list(chunks))
+    config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def build_scheduler(optimizer, optim: OptimizerConfig, total_steps: int) -> OptimizerParamScheduler:
+    """Warm-up then cosine/linear/constant decay, stepped once per optimizer step."""
+    if total_steps < 1:
+        raise ConfigError(f"train.steps={total_steps} must be >= 1")
+    warmup = (
+        int(round(optim.lr_warmup_fraction * total_steps))
+        if optim.lr_warmup_fraction > 0
+        else optim.lr_warmup_steps
+    )
+    if warmup >= total_steps and total_steps > 1:
+        raise ConfigError(
+            f"optimizer warm-up ({warmup} steps) must be shorter than train.steps={total_steps}"
+        )
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup > 0 else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, 1),
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+        override_opt_param_scheduler=True,
+    )

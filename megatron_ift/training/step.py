@@ -1,0 +1,311 @@
+"""The two-pass IFT step on megatron-core's pipeline schedules (1F1B and interleaved).
+
+Pass 1 (estimation, skipped when lambda = 0): forward-only over every micro-batch of the step,
+under ``no_grad`` with dropout off; the last pipeline stage turns its vocab-parallel logits into
+estimated token ids (nothing else is kept) and sends them to the first stage.
+
+Pass 2 (optimisation): the normal schedule; the first stage feeds the mixed embeddings
+``(1 - lambda) * E[x] + lambda * E[xhat]`` through ``GPTModel.forward(decoder_input=...)``, the last
+stage computes the IFT loss from vocab-parallel log-probs. The loss function returns
+``(sum, count, report)`` and the schedule runs with ``calculate_per_token_loss``, so
+``finalize_model_grads`` divides the gradients by the count summed over micro-batches and
+data-parallel ranks: the step optimises ``total_sum / total_count`` of the *global* batch,
+independent of how samples are split (per-sample or per-token mean, ``IFTConfig.aggregation``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ift.checkpoint.model_io import unwrap
+from megatron_ift.ift import (
+    Groups,
+    IFTConfig,
+    aggregate,
+    check_labels,
+    estimate,
+    estimated_sequence,
+    ift_loss_terms,
+    label_logprobs,
+    lambda_at,
+    mix_embeddings,
+)
+
+MicroBatch = dict[str, torch.Tensor]
+
+# Order of the summed metrics in the reduction buffer.
+_SUM_KEYS = (
+    "loss_sum", "count", "mixed_sft_sum", "weight_entropy_sum", "num_samples", "num_tokens",
+    "sft_sum", "sft_count", "est_correct", "est_total",
+)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step reports (identical on every rank)."""
+
+    loss: float  # the IFT loss of the global batch
+    metrics: dict[str, float]
+
+
+def attention_mask_for(batch: MicroBatch) -> Optional[torch.Tensor]:
+    """Block-diagonal causal mask ``[b, 1, s, s]`` (True = masked) for packed rows, else None."""
+    seg = batch.get("segment_ids")
+    if seg is None:
+        return None
+    s = seg.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
+    same = seg[:, :, None] == seg[:, None, :]
+    return ~(same & causal)[:, None]
+
+
+class IFTStep:
+    """Runs one IFT (or SFT) step over a list of micro-batches on this rank's model chunks.
+
+    Args:
+        chunks: this rank's model chunks (megatron DDP-wrapped or bare ``GPTModel``), in virtual
+            pipeline order.
+        cfg: the IFT options.
+        vocab_size: the true vocabulary size (padded entries are never estimated).
+        seq_length, micro_batch_size: shapes of every micro-batch (pipeline p2p buffers).
+    """
+
+    def __init__(
+        self,
+        chunks: Sequence[torch.nn.Module],
+        cfg: IFTConfig,
+        vocab_size: int,
+        *,
+        seq_length: int,
+        micro_batch_size: int,
+    ) -> None:
+        self.chunks = list(chunks)
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self._config = unwrap(self.chunks[0]).config
+        # The loss function returns (sum, count): no division by tokens or micro-batches.
+        self._config.calculate_per_token_loss = True
+        if cfg.mixing_embeddings == "detached":
+            self._freeze_input_only_embeddings()
+
+    # -- public -------------------------------------------------------------------------------
+
+    def __call__(self, microbatches: Sequence[MicroBatch], step: int, *, forward_only: bool = False) -> StepOutput:
+        """Estimation pass (if lambda > 0) then the optimisation pass over ``microbatches``.
+
+        Gradients are accumulated into the chunks (megatron DDP ``main_grad``); the caller zeroes
+        them before and runs the optimizer after. ``forward_only`` evaluates without gradients.
+        """
+        self._validate(microbatches)
+        lam = lambda_at(self.cfg, step) if (self.cfg.needs_estimates or self.cfg.max_lambda) else 0.0
+        sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64)
+        weight_max = torch.zeros((), dtype=torch.float64)
+
+        estimates: list[Optional[torch.Tensor]] = [None] * len(microbatches)
+        if lam > 0.0:
+            estimates = self._estimation_pass(microbatches, step, sums)
+
+        fb = get_forward_backward_func()
+        reports = fb(
+            forward_step_func=partial(self._optimisation_forward, estimates=estimates, lam=lam),
+            data_iterator=self._iterators(microbatches),
+            model=self.chunks,
+            num_microbatches=len(microbatches),
+            seq_length=self.seq_length,
+            micro_batch_size=self.micro_batch_size,
+            forward_only=forward_only,
+        )
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for rep in reports:
+                for key in ("loss_sum", "count", "mixed_sft_sum", "weight_entropy_sum",
+                            "num_samples", "num_tokens"):
+                    sums[_SUM_KEYS.index(key)] += rep[key]
+                weight_max = torch.maximum(weight_max, rep["weight_max"])
+            if lam == 0.0:  # the optimisation pass *is* the ground-truth pass
+                sums[_SUM_KEYS.index("sft_sum")] = sums[_SUM_KEYS.index("mixed_sft_sum")]
+                sums[_SUM_KEYS.index("sft_count")] = sums[_SUM_KEYS.index("count")]
+        return self._reduce(sums, weight_max, lam)
+
+    # -- pass 1 -------------------------------------------------------------------------------
+
+    def _estimation_pass(self, microbatches, step, sums) -> list[Optional[torch.Tensor]]:
+        fb = get_forward_backward_func()
+        modes = [c.training for c in self.chunks]
+        for c in self.chunks:
+            c.eval()  # dropout off
+        try:
+            with torch.no_grad():
+                out = fb(
+                    forward_step_func=partial(self._estimation_forward, step=step),
+                    data_iterator=self._iterators(microbatches),
+                    model=self.chunks,
+                    num_microbatches=len(microbatches),
+                    seq_length=self.seq_length,
+                    micro_batch_size=self.micro_batch_size,
+                    forward_only=True,
+                    collect_non_loss_data=True,
+                )
+        finally:
+            for c, m in zip(self.chunks, modes):
+                c.train(m)
+        ids = None
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            ids = torch.stack([o["ids"] for o in out])  # [m, b, s]
+            for o in out:
+                for key in ("sft_sum", "sft_count", "est_correct", "est_total"):
+                    sums[_SUM_KEYS.index(key)] += o[key]
+        ids = self._send_estimates_to_first_stage(ids, len(microbatches))
+        if ids is None:
+            return [None] * len(microbatches)
+        return [
+            estimated_sequence(mb["tokens"], ids[i], mb["loss_mask"], mb.get("segment_ids"))
+            for i, mb in enumerate(microbatches)
+        ]
+
+    def _estimation_forward(self, data_iterator: Iterator[MicroBatch], model, *, step: int):
+        mb = next(data_iterator)
+        output = model(mb["tokens"], mb["position_ids"], attention_mask_for(mb))
+        return output, partial(self._estimation_collect, mb, step)
+
+    def _estimation_collect(self, mb: MicroBatch, step: int, logits: torch.Tensor, non_loss_data: bool = True):
+        # logits: [b, s, v/tp]; only ids and a few scalars leave this function.
+        ids = estimate(
+            logits, self.cfg, self.vocab_size, step=step,
+            sample_ids=mb.get("sample_ids"), group=self.tp_group,
+        )
+        mask = mb["loss_mask"]
+        logps = label_logprobs(logits, mb["labels"], self.tp_group, inplace=True)
+        groups = Groups.build(mask, mb.get("segment_ids"))
+        sft_sum, sft_count = aggregate(-logps * mask.to(logps.dtype), mask, groups, self.cfg.aggregation)
+        trained = mask.bool()
+        return {
+            "ids": ids,
+            "sft_sum": float(sft_sum),
+            "sft_count": float(sft_count),
+            "est_correct": float((ids == mb["labels"])[trained].sum()),
+            "est_total": float(trained.sum()),
+        }
+
+    def _send_estimates_to_first_stage(self, ids: Optional[torch.Tensor], m: int) -> Optional[torch.Tensor]:
+        """Last stage -> first stage (same TP and DP coordinates); other stages get nothing."""
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if pp == 1:
+            return ids
+        ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+        first, last = ranks[0], ranks[-1]
+        me = dist.get_rank()
+        if me == last:
+            dist.send(ids.contiguous(), dst=first)
+            return None
+        if me == first:
+            buf = torch.empty(m, self.micro_batch_size, self.seq_length, dtype=torch.int64)
+            dist.recv(buf, src=last)
+            return buf
+        return None
+
+    # -- pass 2 -------------------------------------------------------------------------------
+
+    def _optimisation_forward(self, data_iterator, model, *, estimates, lam: float):
+        mb = next(data_iterator)
+        bare = unwrap(model)
+        mask = attention_mask_for(mb)
+        if bare.pre_process and (lam > 0.0 or self.cfg.mixing_embeddings == "detached"):
+            xhat = estimates[int(mb["index"])]
+            decoder_input = mix_embeddings(
+                lambda ids: bare.embedding(input_ids=ids, position_ids=mb["position_ids"]),
+                mb["tokens"],
+                xhat if xhat is not None else mb["tokens"],
+                lam,
+                self.cfg.mixing_embeddings,
+            )
+            output = model(mb["tokens"], mb["position_ids"], mask, decoder_input=decoder_input)
+        else:
+            output = model(mb["tokens"], mb["position_ids"], mask)
+        return output, partial(self._optimisation_loss, mb)
+
+    def _optimisation_loss(self, mb: MicroBatch, logits: torch.Tensor):
+        # logits: [b, s, v/tp] -> log-probs of the labels [b, s], never the full vocabulary.
+        logps = label_logprobs(logits, mb["labels"], self.tp_group, inplace=True)
+        groups = Groups.build(mb["loss_mask"], mb.get("segment_ids"))
+        terms = ift_loss_terms(logps, mb["loss_mask"], self.cfg, groups)
+        report = {
+            "loss_sum": float(terms.loss.detach()),
+            "count": float(terms.count),
+            "mixed_sft_sum": float(terms.mixed_sft),
+            "weight_entropy_sum": float(terms.weight_entropy),
+            "num_samples": float(terms.num_samples),
+            "num_tokens": float(terms.num_tokens),
+            "weight_max": torch.tensor(float(terms.weight_max), dtype=torch.float64),
+        }
+        # The loss is already a sum: the schedule must not rescale it (calculate_per_token_loss).
+        return terms.loss, terms.count.detach().round().to(torch.int), report
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _iterators(self, microbatches):
+        items = [dict(mb, index=torch.tensor(i)) for i, mb in enumerate(microbatches)]
+        if len(self.chunks) == 1:
+            return iter(items)
+        return [iter(items) for _ in self.chunks]
+
+    def _validate(self, microbatches) -> None:
+        if not microbatches:
+            raise ValueError("an IFT step needs at least one micro-batch")
+        for i, mb in enumerate(microbatches):
+            for key in ("tokens", "labels", "loss_mask", "position_ids"):
+                if key not in mb:
+                    raise ValueError(f"micro-batch {i} has no {key!r}")
+            shape = tuple(mb["tokens"].shape)
+            if shape != (self.micro_batch_size, self.seq_length):
+                raise ValueError(
+                    f"micro-batch {i} has shape {shape}, expected "
+                    f"({self.micro_batch_size}, {self.seq_length}) (micro_batch_size, seq_length)"
+                )
+            check_labels(mb["labels"], mb["loss_mask"], self.vocab_size)
+
+    def _freeze_input_only_embeddings(self) -> None:
+        """With detached mixing an untied input embedding never receives a gradient (reference
+        behaviour): freeze it so optimizers and DDP buckets leave it alone."""
+        for c in self.chunks:
+            bare = unwrap(c)
+            if bare.pre_process and not bare.share_embeddings_and_output_weights:
+                for p in bare.embedding.parameters():
+                    if p.requires_grad:
+                        raise ValueError(
+                            "mixing_embeddings='detached' with untied embeddings: freeze the input "
+                            "embedding before wrapping the model (training.engine does this); "
+                            "it never trains in the reference"
+                        )
+
+    def _reduce(self, sums: torch.Tensor, weight_max: torch.Tensor, lam: float) -> StepOutput:
+        """Sum over the pipeline (only the last stage holds values) and data-parallel ranks."""
+        if dist.is_initialized():
+            pp_group = parallel_state.get_pipeline_model_parallel_group()
+            dp_group = parallel_state.get_data_parallel_group()
+            for g in (pp_group, dp_group):
+                dist.all_reduce(sums, group=g)
+                dist.all_reduce(weight_max, op=dist.ReduceOp.MAX, group=g)
+        s = dict(zip(_SUM_KEYS, sums.tolist()))
+        count = max(s["count"], 1.0)
+        metrics = {
+            "loss": s["loss_sum"] / count,
+            "loss_sft": s["sft_sum"] / max(s["sft_count"], 1.0),
+            "loss_mixed_sft": s["mixed_sft_sum"] / count,
+            "lambda": lam,
+            "estimate_accuracy": s["est_correct"] / s["est_total"] if s["est_total"] else float("nan"),
+            "weight_max": float(weight_max),
+            "weight_entropy": s["weight_entropy_sum"] / max(s["num_samples"], 1.0),
+            "num_samples": s["num_samples"],
+            "num_tokens": s["num_tokens"],
+        }
+        return StepOutput(loss=metrics["loss"], metrics=metrics)

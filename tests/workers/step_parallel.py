@@ -1,0 +1,87 @@
+"""One IFT step at a parallel layout from the reference's initial weights; compares the loss,
+every gradient and every parameter after one optimizer step with the single-process reference
+(loaded into this layout through dist_checkpointing's resharding)."""
+
+import json
+import os
+import sys
+
+from common import dump, make_global_batch, setup, split_microbatches, tiny_model
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_ift.checkpoint.model_io import load_model, unwrap
+from megatron_ift.ift import IFTConfig
+from megatron_ift.models.gpt import build_gpt_chunks
+from megatron_ift.training.engine import OptimizerConfig, build_model, build_optimizer
+from megatron_ift.training.step import IFTStep
+
+
+def _errors(chunks, expected_chunks, use_grad: bool) -> dict:
+    """Per-parameter max |ours - ref| and max |ref| on this rank's shards."""
+    out = {}
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    for ci, (c, e) in enumerate(zip(chunks, expected_chunks)):
+        ref = dict(e.named_parameters())
+        for name, p in unwrap(c).named_parameters():
+            ours = p.main_grad if use_grad else p.data
+            if use_grad and not p.requires_grad:
+                ours = torch.zeros_like(p)
+            r = ref[name].data
+            out[f"pp{pp}.vp{ci}.{name}"] = (float((ours.float() - r).abs().max()), float(r.abs().max()))
+    return out
+
+
+def _gather(d: dict) -> dict:
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, d)
+    merged = {}
+    for part in parts:
+        for k, (diff, scale) in part.items():
+            od, os_ = merged.get(k, (0.0, 0.0))
+            merged[k] = (max(od, diff), max(os_, scale))
+    return merged
+
+
+def main():
+    opts = json.loads(sys.argv[1])
+    ref, out = opts["ref"], opts["out"]
+    par = setup(
+        tp=opts["tp"], pp=opts["pp"], vpp=opts.get("vpp"), sp=opts.get("sp", False),
+        use_distributed_optimizer=opts.get("distopt", False),
+    )
+    model_cfg = tiny_model(**opts.get("model", {}))
+    ift = IFTConfig(**opts["ift"])
+    chunks, config = build_model(model_cfg, par, freeze_input_embedding=ift.mixing_embeddings == "detached")
+    load_model(chunks, os.path.join(ref, "init"))
+    optimizer = build_optimizer(chunks, OptimizerConfig(**opts["optim"]), model_cfg, par, config)
+
+    batch = make_global_batch(opts["global_batch"], opts["seq"], model_cfg.vocab_size, seed=opts["seed"])
+    mbs = split_microbatches(
+        batch, parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(), opts["mbs"],
+    )
+    step = IFTStep(chunks, ift, model_cfg.vocab_size, seq_length=opts["seq"], micro_batch_size=opts["mbs"])
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    result = step(mbs, step=0)
+
+    # A second, bare copy of the model at this layout holds the reference tensors.
+    expected = build_gpt_chunks(model_cfg, par)
+    report = {"loss": result.loss, "metrics": result.metrics}
+    if not par.use_distributed_optimizer:  # with ZeRO each rank holds only its grad shard
+        load_model(expected, os.path.join(ref, "grads"))
+        report["grads"] = _gather(_errors(chunks, expected, use_grad=True))
+    ok, grad_norm, _ = optimizer.step()
+    assert ok, "optimizer step was skipped"
+    load_model(expected, os.path.join(ref, "params"))
+    report["params"] = _gather(_errors(chunks, expected, use_grad=False))
+    report["grad_norm"] = grad_norm
+    dump(os.path.join(out, "result.json"), report)
+
+
+if __name__ == "__main__":
+    main()

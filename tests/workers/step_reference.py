@@ -1,0 +1,63 @@
+"""Single-process reference of one IFT step: plain autograd on a TP1/PP1 model with
+``megatron_ift.reference`` (the spec oracle) on the whole global batch, then torch AdamW.
+
+Writes ``<ref>/init`` (the shared initial weights), ``<ref>/grads`` and ``<ref>/params`` (as
+model-layout dist checkpoints, so any parallel layout can load them) and ``<ref>/ref.json``.
+"""
+
+import json
+import os
+import sys
+
+from common import make_global_batch, save_grads_as_model, setup, tiny_model
+
+import torch
+
+from megatron_ift import reference
+from megatron_ift.checkpoint.model_io import save_model
+from megatron_ift.ift import IFTConfig, lambda_at
+from megatron_ift.models.gpt import build_gpt_chunks
+
+
+def main():
+    opts = json.loads(sys.argv[1])
+    ref = opts["ref"]
+    par = setup(seed=opts["seed"] + 100)
+    model_cfg = tiny_model(**opts.get("model", {}))
+    cfg = IFTConfig(**opts["ift"])
+    (model,) = build_gpt_chunks(model_cfg, par)
+    save_model([model], os.path.join(ref, "init"))
+    b = make_global_batch(opts["global_batch"], opts["seq"], model_cfg.vocab_size, seed=opts["seed"])
+    V = model_cfg.vocab_size
+
+    lam = lambda_at(cfg, 0)
+    model.eval()
+    with torch.no_grad():
+        logits = model(b["tokens"], b["position_ids"], None)  # [b, s, V_padded]
+    xhat = reference.estimated_tokens(logits[..., :V], b["tokens"], b["loss_mask"], cfg)
+    model.train()
+    E = model.embedding.word_embeddings.weight
+    if cfg.mixing_embeddings == "detached":
+        E = E.detach()
+    mixed = reference.mixed_inputs(E, b["tokens"], xhat, lam).transpose(0, 1).contiguous()
+    logits = model(b["tokens"], b["position_ids"], None, decoder_input=mixed)
+    loss, metrics = reference.ift_loss(logits, b["labels"], b["loss_mask"], cfg)
+    loss.backward()
+    save_grads_as_model([model], os.path.join(ref, "grads"))
+
+    o = opts["optim"]
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if o.get("clip_grad", 1.0) > 0:
+        torch.nn.utils.clip_grad_norm_(params, o.get("clip_grad", 1.0))
+    opt = torch.optim.AdamW(
+        params, lr=o["lr"], betas=(o.get("adam_beta1", 0.9), o.get("adam_beta2", 0.95)),
+        eps=o.get("adam_eps", 1e-8), weight_decay=0.0,
+    )
+    opt.step()
+    save_model([model], os.path.join(ref, "params"))
+    with open(os.path.join(ref, "ref.json"), "w") as f:
+        json.dump({"loss": float(loss), "metrics": metrics}, f)
+
+
+if __name__ == "__main__":
+    main()
