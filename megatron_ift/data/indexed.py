@@ -68,6 +68,19 @@ def check_indexed(prefix: str) -> int:
     version, code = struct.unpack("<Q", head[9:17])[0], head[17]
     if version != 1 or code not in {d.value for d in DType}:
         raise DataError(f"{idx_path}: unreadable index (version {version}, dtype code {code})")
+    with open(idx_path, "rb") as fh:
+        fh.seek(18)
+        counts = fh.read(16)
+    if len(counts) < 16:
+        raise DataError(f"{idx_path}: unreadable index (truncated header)")
+    sequences, docs = struct.unpack("<QQ", counts)
+    # Header (34 bytes), then int32 lengths, int64 pointers and int64 document indices.
+    needed = 34 + sequences * (4 + 8) + docs * 8
+    if os.path.getsize(idx_path) < needed:
+        raise DataError(
+            f"{idx_path}: unreadable index (truncated: {os.path.getsize(idx_path)} bytes, "
+            f"{needed} needed for {sequences} sequences)"
+        )
     try:
         ds = IndexedDataset(prefix, mmap=True)
         lengths, dtype = ds.sequence_lengths, ds.index.dtype
@@ -79,6 +92,12 @@ def check_indexed(prefix: str) -> int:
     if actual != expected:
         raise DataError(f"{bin_path}: {actual} bytes, but {idx_path} describes {expected}")
     return documents
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _split_string(eval_fraction: float) -> str:
@@ -185,6 +204,12 @@ def build_pretrain(
         )
     tokenizer = megatron_tokenizer(cfg.tokenizer_path)
     cache = os.path.join(cfg.cache_dir, "gpt_indices") if cfg.cache_dir else None
+    if cache and len(cfg.paths) > 1 and not _distributed():
+        # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() when it has a
+        # cache folder, which fails outside torch.distributed. Without one it builds its blend
+        # index in memory and each GPTDataset caches its indices beside its .bin file.
+        logger.warning("no torch.distributed: blend indices are not cached (data.cache_dir unused)")
+        cache = None
     config = GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=cfg.seq_length,
@@ -199,7 +224,8 @@ def build_pretrain(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    sizes = [train_samples, eval_samples if cfg.eval_fraction > 0 else None, None]
+    # Splits with no documents get size 0 (megatron-core then builds nothing for them).
+    sizes = [train_samples, eval_samples if cfg.eval_fraction > 0 else 0, 0]
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     if train is None or len(train) == 0:
         raise DataError(

@@ -145,6 +145,9 @@ def layer_terms(model: ModelConfig, mb: MicroBatch, recompute: str = "none") -> 
 def embedding_terms(model: ModelConfig, mb: MicroBatch) -> dict[str, int]:
     """Saved bytes of the first stage's embedding for one micro-batch."""
     terms = {"token ids": mb.tokens * 8}
+    if mb.tp > 1:
+        # The vocab-parallel lookup masks ids outside this rank's shard (a bool per token).
+        terms["vocab shard mask"] = mb.tokens
     if model.position_embedding_type == "learned_absolute":
         terms["position ids"] = mb.tokens * 8
     return terms

@@ -26,9 +26,10 @@ def _errors(chunks, expected_chunks, use_grad: bool) -> dict:
     for ci, (c, e) in enumerate(zip(chunks, expected_chunks)):
         ref = dict(e.named_parameters())
         for name, p in unwrap(c).named_parameters():
-            ours = p.main_grad if use_grad else p.data
-            if use_grad and not p.requires_grad:
-                ours = torch.zeros_like(p)
+            if use_grad:  # a frozen parameter has no main_grad: its gradient is zero
+                ours = p.main_grad if p.requires_grad else torch.zeros_like(p)
+            else:
+                ours = p.data
             r = ref[name].data
             out[f"pp{pp}.vp{ci}.{name}"] = (float((ours.float() - r).abs().max()), float(r.abs().max()))
     return out
