@@ -30,6 +30,7 @@ VOCAB = 150
 DIVISIBLE = 32  # padded vocabulary: 160 at TP1, 192 at TP2 (loads across a padding change)
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 RESAVED = ("llama", "qwen2")  # re-saved at TP1xPP1 and TP2xPP2 by megatron-core
+RESAVED_LAYOUTS = {"llama": ("tp1pp1", "tp2pp2", "tp1pp2vpp2"), "qwen2": ("tp1pp1", "tp2pp2")}
 ATOL = 1e-4
 
 _COMMON = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -118,6 +119,9 @@ def converted(tmp_path_factory):
             jobs.append({"ckpt": out["imp"][name], "tokens": tokens_path, "resave": resave,
                          "out": str(root / f"logits_{name}_tp{tp}pp{pp}.pt")})
         spec["layouts"].append({"tp": tp, "pp": pp, "jobs": jobs})
+    # Interleaved pipeline (2 stages x 2 virtual chunks of the 4-layer Llama): re-save only.
+    spec["layouts"].append({"tp": 1, "pp": 2, "vpp": 2, "jobs": [
+        {"ckpt": out["imp"]["llama"], "resave": str(root / "resave_llama_tp1pp2vpp2")}]})
     spec_path = root / "spec.json"
     spec_path.write_text(json.dumps(spec))
     torchrun("convert_logits.py", 4, str(spec_path), timeout=400)
@@ -126,8 +130,8 @@ def converted(tmp_path_factory):
     for name in MODELS:
         out["exp"][name] = str(root / f"exp_{name}")
         _run_cli(["export-hf", out["imp"][name], out["exp"][name], "--max-shard-size", "100KB"])
-    for name in RESAVED:
-        for layout in ("tp1pp1", "tp2pp2"):
+    for name, layouts in RESAVED_LAYOUTS.items():
+        for layout in layouts:
             ckpt = str(root / f"resave_{name}_{layout}")
             out["exp"][f"{name}_{layout}"] = str(root / f"exp_{name}_{layout}")
             _run_cli(["export-hf", ckpt, out["exp"][f"{name}_{layout}"],
@@ -226,14 +230,17 @@ def test_exported_config_matches_original(converted):
 
 @pytest.mark.parametrize("name", RESAVED)
 def test_export_is_independent_of_the_saved_layout(converted, name):
-    """megatron-core saves at TP2xPP2 and TP1xPP1 of the same parameters export identically
-    (and equal the original HF weights)."""
+    """megatron-core saves at TP2xPP2 (and PP2 x VPP2) and TP1xPP1 of the same parameters
+    export identically (and equal the original HF weights)."""
     tp1 = _load_folder(converted["exp"][f"{name}_tp1pp1"])
-    tp2pp2 = _load_folder(converted["exp"][f"{name}_tp2pp2"])
     original = _load_folder(converted["hf"][name])
-    assert sorted(tp1) == sorted(tp2pp2) == sorted(original)
+    assert sorted(tp1) == sorted(original)
+    for layout in RESAVED_LAYOUTS[name][1:]:
+        other = _load_folder(converted["exp"][f"{name}_{layout}"])
+        assert sorted(other) == sorted(tp1)
+        for key in original:
+            assert torch.equal(other[key], tp1[key]), (layout, key)
     for key in original:
-        assert torch.equal(tp2pp2[key], tp1[key]), key
         assert torch.equal(tp1[key], original[key]), key
     # The TP2 save really was at a different layout: its embedding is padded for TP2.
     md = FileSystemReader(resolve(str(converted["root"] / f"resave_{name}_tp2pp2"))).read_metadata()
@@ -247,3 +254,25 @@ def test_export_refuses_a_mismatching_architecture(converted, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "add_qkv_bias=False does not fit Qwen2ForCausalLM" in err and "--arch llama" in err
     assert not os.path.exists(out)
+
+
+def test_dtype_casts_on_import_and_export(converted, tmp_path):
+    """--dtype bfloat16 on import stores bf16 (and records it); --dtype float32 on export gives
+    back exactly the bf16-rounded original weights."""
+    ckpt, out = str(tmp_path / "bf16"), str(tmp_path / "f32")
+    _run_cli(["import-hf", converted["hf"]["qwen2"], ckpt, "--dtype", "bfloat16"])
+    meta = read_metadata(resolve(ckpt))
+    assert meta["model"]["params_dtype"] == "bfloat16"
+    md = FileSystemReader(resolve(ckpt)).read_metadata()
+    dtypes = {v.properties.dtype for v in md.state_dict_metadata.values()
+              if isinstance(v, TensorStorageMetadata)}
+    assert dtypes == {torch.bfloat16}
+    _run_cli(["export-hf", ckpt, out, "--dtype", "float32"])
+    original = _load_folder(converted["hf"]["qwen2"])
+    exported = _load_folder(out)
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(exported[key], tensor.bfloat16().float()), key
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"

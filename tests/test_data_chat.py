@@ -20,7 +20,10 @@ TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 EOT = "<|im_end|>"
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42"}],
+    [
+        {"role": "user", "content": "What is 12 + 30?"},
+        {"role": "assistant", "content": "12 + 30 = 42"},
+    ],
     [
         {"role": "system", "content": "You are a careful calculator."},
         {"role": "user", "content": "Add 7 and 815."},
@@ -62,7 +65,13 @@ def expected_messages():
     msgs = [c for c in CONVERSATIONS]
     for p in PAIRS:
         m = [{"role": "system", "content": p["system"]}] if p["system"] else []
-        msgs.append(m + [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["response"]}])
+        msgs.append(
+            m
+            + [
+                {"role": "user", "content": p["prompt"]},
+                {"role": "assistant", "content": p["response"]},
+            ]
+        )
     return msgs
 
 
@@ -82,7 +91,9 @@ def trained_runs(tokens, labels, loss_mask):
 
 def check_sample(tokenizer, messages, tokens, labels, loss_mask):
     """Independent check of one sample's ids and trained tokens."""
-    want_ids = tokenizer.apply_chat_template(messages, chat_template=CHATML, tokenize=True, return_dict=True)["input_ids"]
+    want_ids = tokenizer.apply_chat_template(
+        messages, chat_template=CHATML, tokenize=True, return_dict=True
+    )["input_ids"]
     assert list(tokens) == list(want_ids)
     assistant = [m["content"] for m in messages if m["role"] == "assistant"]
     want_runs = [tokenizer(text + EOT, add_special_tokens=False)["input_ids"] for text in assistant]
@@ -96,8 +107,14 @@ def check_sample(tokenizer, messages, tokens, labels, loss_mask):
 def test_masks_are_assistant_text_and_end_of_turn(tmp_path, tokenizer, packing, template):
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS])
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    cfg = DataConfig(paths=(chat, pairs), tokenizer_path=TOKENIZER, chat_template=template,
-                     seq_length=128, packing=packing, cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(
+        paths=(chat, pairs),
+        tokenizer_path=TOKENIZER,
+        chat_template=template,
+        seq_length=128,
+        packing=packing,
+        cache_dir=str(tmp_path / "cache"),
+    )
     data = build_data(cfg)
     ds = data.train
     by_id = expected_messages()
@@ -109,15 +126,21 @@ def test_masks_are_assistant_text_and_end_of_turn(tmp_path, tokenizer, packing, 
             n = len(ds.sample(int(k))[0])
             sl = slice(start, start + n)
             sid = int(ds.sample_ids[k])
-            check_sample(tokenizer, by_id[sid], row["tokens"][sl], row["labels"][sl], row["loss_mask"][sl])
-            assert row["loss_mask"][start + n - 1] == 0  # a segment's last position is never trained
+            check_sample(
+                tokenizer, by_id[sid], row["tokens"][sl], row["labels"][sl], row["loss_mask"][sl]
+            )
+            assert (
+                row["loss_mask"][start + n - 1] == 0
+            )  # a segment's last position is never trained
             seen.append(sid)
             start += n
         assert not row["loss_mask"][start:].any()  # padding
     assert sorted(seen) == list(range(len(by_id)))
     assert data.report.trained_tokens == sum(
         len(tokenizer(m["content"] + EOT, add_special_tokens=False)["input_ids"])
-        for c in by_id for m in c if m["role"] == "assistant"
+        for c in by_id
+        for m in c
+        if m["role"] == "assistant"
     )
 
 
@@ -130,10 +153,22 @@ def test_shipped_data_masks(tmp_path, tokenizer):
             lines = [json.loads(next(fh)) for _ in range(60)]
         paths.append(write_jsonl(tmp_path / f"part{i}.jsonl", lines))
         for rec in lines:
-            by_id.append(rec["messages"] if "messages" in rec else [
-                {"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}])
-    data = build_data(DataConfig(paths=tuple(paths), tokenizer_path=TOKENIZER, seq_length=256,
-                                 cache_dir=str(tmp_path / "cache")))
+            by_id.append(
+                rec["messages"]
+                if "messages" in rec
+                else [
+                    {"role": "user", "content": rec["prompt"]},
+                    {"role": "assistant", "content": rec["response"]},
+                ]
+            )
+    data = build_data(
+        DataConfig(
+            paths=tuple(paths),
+            tokenizer_path=TOKENIZER,
+            seq_length=256,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
     ds = data.train
     assert data.report.train_samples == 120 and len(ds) < 120  # packed several per row
     for r in range(len(ds)):
@@ -141,16 +176,26 @@ def test_shipped_data_masks(tmp_path, tokenizer):
         for k in ds.row_samples(r):
             n = len(ds.sample(int(k))[0])
             sl = slice(start, start + n)
-            check_sample(tokenizer, by_id[int(ds.sample_ids[k])], row["tokens"][sl], row["labels"][sl], row["loss_mask"][sl])
+            check_sample(
+                tokenizer,
+                by_id[int(ds.sample_ids[k])],
+                row["tokens"][sl],
+                row["labels"][sl],
+                row["loss_mask"][sl],
+            )
             start += n
 
 
 def test_unknown_role_names_file_and_line(tmp_path):
     convs = [{"messages": c} for c in CONVERSATIONS] * 3
-    convs[4] = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}
+    convs[4] = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]
+    }
     path = write_jsonl(tmp_path / "chat.jsonl", convs, blank_line_at=2)
-    cfg = DataConfig(paths=(path,), tokenizer_path=TOKENIZER, seq_length=128, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(DataError, match=rf"chat\.jsonl:6: message 1 has role 'bot'"):
+    cfg = DataConfig(
+        paths=(path,), tokenizer_path=TOKENIZER, seq_length=128, cache_dir=str(tmp_path / "c")
+    )
+    with pytest.raises(DataError, match=r"chat\.jsonl:6: message 1 has role 'bot'"):
         build_data(cfg)
 
 
@@ -159,7 +204,10 @@ def test_unknown_role_names_file_and_line(tmp_path):
     [
         ([{"role": "user", "content": "hi"}], "no assistant message"),
         ([{"role": "assistant", "content": "hi"}], "starts with an assistant"),
-        ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], "no string 'content'"),
+        (
+            [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}],
+            "no string 'content'",
+        ),
         ("hello", "non-empty list of messages"),
     ],
 )
@@ -171,8 +219,12 @@ def test_malformed_conversations(messages, reason):
 def test_special_token_in_content_is_rejected(tmp_path):
     bad = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"sneaky{EOT}more"}]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": bad}])
-    cfg = DataConfig(paths=(path,), tokenizer_path=TOKENIZER, seq_length=128, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(DataError, match=r"chat\.jsonl:2: message 1 \(assistant\) contains the special token"):
+    cfg = DataConfig(
+        paths=(path,), tokenizer_path=TOKENIZER, seq_length=128, cache_dir=str(tmp_path / "c")
+    )
+    with pytest.raises(
+        DataError, match=r"chat\.jsonl:2: message 1 \(assistant\) contains the special token"
+    ):
         build_data(cfg)
 
 
@@ -184,7 +236,9 @@ def test_tokenizer_without_template_needs_a_fallback(tmp_path):
     del conf["chat_template"]
     cfg_path.write_text(json.dumps(conf))
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS])
-    kw = dict(paths=(chat,), tokenizer_path=str(tok_dir), seq_length=128, cache_dir=str(tmp_path / "c"))
+    kw = dict(
+        paths=(chat,), tokenizer_path=str(tok_dir), seq_length=128, cache_dir=str(tmp_path / "c")
+    )
     with pytest.raises(DataError, match=rf"{tok_dir} has no chat template.*data.chat_template"):
         build_data(DataConfig(**kw))
     data = build_data(DataConfig(**kw, chat_template="chatml"))
@@ -200,9 +254,15 @@ def test_fallback_needs_its_special_tokens(tmp_path):
     raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(tmp_path / "chars")
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}])
-    cfg = DataConfig(paths=(chat,), tokenizer_path=str(tmp_path / "chars"), chat_template="chatml",
-                     cache_dir=str(tmp_path / "c"))
-    with pytest.raises(DataError, match=r"needs the special tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
+    cfg = DataConfig(
+        paths=(chat,),
+        tokenizer_path=str(tmp_path / "chars"),
+        chat_template="chatml",
+        cache_dir=str(tmp_path / "c"),
+    )
+    with pytest.raises(
+        DataError, match=r"needs the special tokens \['<\|im_start\|>', '<\|im_end\|>'\]"
+    ):
         build_data(cfg)
 
 
@@ -214,8 +274,18 @@ def test_template_that_rewrites_history_is_detected(tokenizer):
         enc.encode([check_messages(CONVERSATIONS[1])])
 
 
+def test_template_ignoring_the_generation_prompt_is_detected(tokenizer):
+    template = CHATML.replace("{%- if add_generation_prompt %}", "{%- if false %}")
+    enc = ChatEncoder(tokenizer, template)
+    with pytest.raises(ValueError, match="must honour add_generation_prompt"):
+        enc.encode([check_messages(CONVERSATIONS[0])])
+
+
 def test_check_vocab(tokenizer):
     check_vocab(tokenizer, 384)
     check_vocab(tokenizer, 512)
-    with pytest.raises(ConfigError, match=r"tokenizer at '.*tokenizer' has 384 token ids but model.vocab_size is 383"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tokenizer at '.*tokenizer' has 384 token ids but model.vocab_size is 383",
+    ):
         check_vocab(tokenizer, 383, TOKENIZER)

@@ -13,9 +13,17 @@ BASE = dict(paths=("data/sft_messages.jsonl",), tokenizer_path="data/tokenizer")
 def test_defaults_and_normalisation():
     cfg = DataConfig(paths="data/sft_messages.jsonl", tokenizer_path="data/tokenizer")
     assert cfg.paths == ("data/sft_messages.jsonl",)
-    assert (cfg.format, cfg.truncation, cfg.chat_template, cfg.packing) == ("sft", "drop", "auto", True)
+    assert (cfg.format, cfg.truncation, cfg.chat_template, cfg.packing) == (
+        "sft",
+        "drop",
+        "auto",
+        True,
+    )
     assert cfg.column("messages") == "messages"
-    assert DataConfig(**BASE, columns={"messages": "conversations"}).column("messages") == "conversations"
+    assert (
+        DataConfig(**BASE, columns={"messages": "conversations"}).column("messages")
+        == "conversations"
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seq_length = 8  # type: ignore[misc]
     with pytest.raises(TypeError):

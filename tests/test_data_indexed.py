@@ -1,4 +1,4 @@
-"""Pretraining continuation: jsonl -> .bin/.idx (megatron-core builder) -> GPTDataset micro-batches."""
+"""Pretraining continuation: jsonl -> .bin/.idx (megatron-core builder) -> GPTDataset batches."""
 
 import json
 import os
@@ -33,9 +33,17 @@ def corpora(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("indexed")
     rng = np.random.default_rng(0)
     a = ["".join(rng.choice(list("abcde"), size=rng.integers(5, 40))) for _ in range(300)]
-    b = [" ".join(str(x) for x in rng.integers(0, 99, size=rng.integers(3, 20))) for _ in range(300)]
+    b = [
+        " ".join(str(x) for x in rng.integers(0, 99, size=rng.integers(3, 20))) for _ in range(300)
+    ]
     for name, texts in (("a", a), ("b", b)):
-        preprocess([write_texts(tmp / f"{name}.jsonl", texts)], str(tmp / name), TOKENIZER, workers=1, progress=False)
+        preprocess(
+            [write_texts(tmp / f"{name}.jsonl", texts)],
+            str(tmp / name),
+            TOKENIZER,
+            workers=1,
+            progress=False,
+        )
     return tmp, a, b
 
 
@@ -47,8 +55,24 @@ def test_preprocess_round_trip(tmp_path, tokenizer, capsys):
     with open(src, "a") as fh:
         fh.write("\n")  # blank lines are skipped
     prefix = str(tmp_path / "out" / "t")
-    assert preprocess_main(["--input", src, "--output-prefix", prefix, "--tokenizer", TOKENIZER,
-                            "--workers", "2", "--chunk-size", "8", "--quiet"]) == 0
+    assert (
+        preprocess_main(
+            [
+                "--input",
+                src,
+                "--output-prefix",
+                prefix,
+                "--tokenizer",
+                TOKENIZER,
+                "--workers",
+                "2",
+                "--chunk-size",
+                "8",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "75 documents" in out and "25 empty lines skipped" in out
     ds = IndexedDataset(prefix)
@@ -74,8 +98,15 @@ def test_preprocess_errors_name_the_line(tmp_path):
 
 def test_blend_follows_weights_and_contract(corpora, tokenizer):
     tmp, _, _ = corpora
-    cfg = DataConfig(format="pretrain", paths=(str(tmp / "a"), str(tmp / "b")), weights=(0.25, 0.75),
-                     tokenizer_path=TOKENIZER, seq_length=16, packing=False, cache_dir=str(tmp / "cache"))
+    cfg = DataConfig(
+        format="pretrain",
+        paths=(str(tmp / "a"), str(tmp / "b")),
+        weights=(0.25, 0.75),
+        tokenizer_path=TOKENIZER,
+        seq_length=16,
+        packing=False,
+        cache_dir=str(tmp / "cache"),
+    )
     data = build_data(cfg, train_samples=800)
     assert len(data.train) >= 800
     letters = {tokenizer.convert_tokens_to_ids(c) for c in "abcde"}
@@ -96,13 +127,21 @@ def test_blend_follows_weights_and_contract(corpora, tokenizer):
 
 def test_packed_pretrain_rows_split_at_end_of_document(corpora, tokenizer):
     tmp, a, _ = corpora
-    cfg = DataConfig(format="pretrain", paths=(str(tmp / "a"),), tokenizer_path=TOKENIZER,
-                     seq_length=64, eval_fraction=0.1, cache_dir=str(tmp / "cache"))
+    cfg = DataConfig(
+        format="pretrain",
+        paths=(str(tmp / "a"),),
+        tokenizer_path=TOKENIZER,
+        seq_length=64,
+        eval_fraction=0.1,
+        cache_dir=str(tmp / "cache"),
+    )
     data = build_data(cfg)
     assert data.eval is not None and len(data.eval) > 0
     eod = tokenizer.eos_token_id
     batch = next(data.train_iterator(dp_rank=0, dp_size=1, micro_batch_size=4, num_microbatches=1))
-    tokens, seg, pos, lm = (batch[k] for k in ("tokens", "segment_ids", "position_ids", "loss_mask"))
+    tokens, seg, pos, lm = (
+        batch[k] for k in ("tokens", "segment_ids", "position_ids", "loss_mask")
+    )
     assert (tokens == eod).sum() > 4
     for i in range(4):
         ends = (tokens[i, :-1] == eod).nonzero().flatten().tolist()
@@ -121,8 +160,13 @@ def test_unreadable_index_files(tmp_path, corpora):
     shutil.copy(str(tmp / "a") + ".bin", prefix + ".bin")
     with open(prefix + ".idx", "wb") as fh:
         fh.write(b"not an index at all")
-    cfg = DataConfig(format="pretrain", paths=(prefix,), tokenizer_path=TOKENIZER, seq_length=16,
-                     cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        format="pretrain",
+        paths=(prefix,),
+        tokenizer_path=TOKENIZER,
+        seq_length=16,
+        cache_dir=str(tmp_path / "c"),
+    )
     with pytest.raises(DataError, match=r"x\.idx: unreadable index, not a Megatron \.idx file"):
         build_data(cfg)
     good = open(str(tmp / "a") + ".idx", "rb").read()

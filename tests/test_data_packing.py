@@ -1,10 +1,16 @@
-"""Packing units: bin packing, row layout (segments, positions, labels, loss mask), masks, cu_seqlens."""
+"""Packing units: bin packing, row layout (segments, positions, labels, loss mask), masks."""
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_ift.data import collate, cu_seqlens, packed_attention_mask, packed_seq_params
+from megatron_ift.data import (
+    attention_mask,
+    collate,
+    cu_seqlens,
+    packed_attention_mask,
+    packed_seq_params,
+)
 from megatron_ift.data.collate import assemble_row, empty_row
 from megatron_ift.data.packing import causal_attention_mask, pack_best_fit, packing_efficiency
 
@@ -14,7 +20,7 @@ def test_best_fit_packs_every_sample_once_within_capacity():
     lengths = rng.integers(1, 200, size=500)
     offsets, items = pack_best_fit(lengths, 256)
     assert sorted(items.tolist()) == list(range(500))
-    rows = [items[offsets[r]:offsets[r + 1]] for r in range(len(offsets) - 1)]
+    rows = [items[offsets[r] : offsets[r + 1]] for r in range(len(offsets) - 1)]
     assert all(lengths[r].sum() <= 256 for r in rows)
     assert all(list(r) == sorted(r) for r in rows)
     eff = packing_efficiency(int(lengths.sum()), len(rows), 256)
@@ -30,7 +36,7 @@ def test_best_fit_small_example():
     # Lengths 6, 5, 4, 3, 1 in that order: 6 opens row 0 (4 left); 5 does not fit, opens row 1
     # (5 left); 4 goes to the fullest row it fits, row 0 (exactly full); 3 and 1 go to row 1.
     offsets, items = pack_best_fit([3, 5, 4, 6, 1], 10)
-    rows = [items[offsets[r]:offsets[r + 1]].tolist() for r in range(len(offsets) - 1)]
+    rows = [items[offsets[r] : offsets[r + 1]].tolist() for r in range(len(offsets) - 1)]
     assert rows == [[2, 3], [0, 1, 4]]
 
 
@@ -89,6 +95,8 @@ def test_attention_masks():
     assert torch.equal(causal, packed_attention_mask(torch.zeros(2, 8, dtype=torch.long)))
     # One sample plus padding: the real tokens see exactly what the causal mask allows.
     assert torch.equal(mask[1, 0, :6, :6], causal[1, 0, :6, :6])
+    assert torch.equal(attention_mask({"tokens": seg, "segment_ids": seg}), mask)
+    assert attention_mask({"tokens": seg}) is None  # unpacked: megatron-core's causal default
 
 
 def test_cu_seqlens_and_packed_seq_params():

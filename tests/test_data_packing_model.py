@@ -32,11 +32,16 @@ def results(tmp_path_factory):
         lines = [next(fh) for _ in range(40)]
     src = tmp / "part.jsonl"
     src.write_text("".join(lines))
-    kw = dict(paths=(str(src),), tokenizer_path=os.path.join(ROOT, "data", "tokenizer"),
-              seq_length=SEQ, cache_dir=str(tmp / "cache"))
+    kw = dict(
+        paths=(str(src),),
+        tokenizer_path=os.path.join(ROOT, "data", "tokenizer"),
+        seq_length=SEQ,
+        cache_dir=str(tmp / "cache"),
+    )
     packed_data = build_data(DataConfig(**kw, packing=True))
     single = build_data(DataConfig(**kw, packing=False)).train
     packed = packed_data.train
+
     def turns(sample_id):
         return sum(m["role"] == "assistant" for m in json.loads(lines[sample_id])["messages"])
 
@@ -60,8 +65,14 @@ def results(tmp_path_factory):
     }
     torch.save(inputs, tmp / "in.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, WORKER, str(tmp / "in.pt"), str(tmp / "out.json")],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, WORKER, str(tmp / "in.pt"), str(tmp / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     out = json.loads((tmp / "out.json").read_text())
     out["num_samples"], out["multi_turn"] = len(order), multi_turn

@@ -1,4 +1,4 @@
-"""Sample order: deterministic in (seed, epoch), sliced per data-parallel rank, exactly resumable."""
+"""Sample order: deterministic in (seed, epoch), sliced per data-parallel rank, resumable."""
 
 import json
 import os
@@ -38,7 +38,10 @@ def test_order_depends_only_on_seed_and_epoch():
 @pytest.mark.parametrize("dp_size, mbs, nmb", [(1, 4, 2), (2, 2, 3), (4, 1, 2)])
 def test_every_rank_gets_its_slice_of_every_global_batch(dp_size, mbs, nmb):
     n = 103
-    ranks = [sampler(n, dp_rank=r, dp_size=dp_size, micro_batch_size=mbs, num_microbatches=nmb) for r in range(dp_size)]
+    ranks = [
+        sampler(n, dp_rank=r, dp_size=dp_size, micro_batch_size=mbs, num_microbatches=nmb)
+        for r in range(dp_size)
+    ]
     g = mbs * nmb * dp_size
     per_epoch = n // g
     order = ranks[0].epoch_order(0)
@@ -104,16 +107,35 @@ def sft_data(tmp_path_factory):
     with open(os.path.join(ROOT, "data", "sft_messages.jsonl")) as fh:
         lines = [next(fh) for _ in range(300)]
     (tmp / "a.jsonl").write_text("".join(lines))
-    return build_data(DataConfig(paths=(str(tmp / "a.jsonl"),), tokenizer_path=TOKENIZER, seq_length=128,
-                                 eval_fraction=0.1, cache_dir=str(tmp / "cache")))
+    return build_data(
+        DataConfig(
+            paths=(str(tmp / "a.jsonl"),),
+            tokenizer_path=TOKENIZER,
+            seq_length=128,
+            eval_fraction=0.1,
+            cache_dir=str(tmp / "cache"),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def pretrain_data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sampler_pt")
-    preprocess([os.path.join(ROOT, "data", "pretrain_text.jsonl")], str(tmp / "text"), TOKENIZER, progress=False)
-    return build_data(DataConfig(format="pretrain", paths=(str(tmp / "text"),), tokenizer_path=TOKENIZER,
-                                 seq_length=32, cache_dir=str(tmp / "cache")))
+    preprocess(
+        [os.path.join(ROOT, "data", "pretrain_text.jsonl")],
+        str(tmp / "text"),
+        TOKENIZER,
+        progress=False,
+    )
+    return build_data(
+        DataConfig(
+            format="pretrain",
+            paths=(str(tmp / "text"),),
+            tokenizer_path=TOKENIZER,
+            seq_length=32,
+            cache_dir=str(tmp / "cache"),
+        )
+    )
 
 
 @pytest.mark.parametrize("which", ["sft_data", "pretrain_data"])
@@ -134,7 +156,9 @@ def test_iterator_resume_matches_uninterrupted_run(which, request):
 
 
 def test_sft_epochs_reshuffle_and_cover_all_rows(sft_data):
-    it = sft_data.train_iterator(dp_rank=0, dp_size=1, micro_batch_size=1, num_microbatches=1, num_epochs=2)
+    it = sft_data.train_iterator(
+        dp_rank=0, dp_size=1, micro_batch_size=1, num_microbatches=1, num_epochs=2
+    )
     per_epoch = it.steps_per_epoch
     ids = [int(next(it)["sample_ids"][0]) for _ in range(2 * per_epoch)]
     with pytest.raises(StopIteration):
@@ -157,4 +181,6 @@ def test_eval_iterator_sees_every_row_once(sft_data):
                     seen.append(sid)
     assert sorted(seen) == sorted(int(sft_data.eval.row(r)["sample_ids"]) for r in range(n))
     assert pads == -n % 6
-    assert not set(seen) & {int(sft_data.train.row(r)["sample_ids"]) for r in range(len(sft_data.train))}
+    assert not set(seen) & {
+        int(sft_data.train.row(r)["sample_ids"]) for r in range(len(sft_data.train))
+    }

@@ -15,8 +15,10 @@ TOKENIZER = os.path.join(ROOT, "data", "tokenizer")
 def conversation(i, turns=1):
     msgs = []
     for t in range(turns):
-        msgs += [{"role": "user", "content": f"What is {i} + {t}?"},
-                 {"role": "assistant", "content": f"{i} + {t} = {i + t}"}]
+        msgs += [
+            {"role": "user", "content": f"What is {i} + {t}?"},
+            {"role": "assistant", "content": f"{i} + {t} = {i + t}"},
+        ]
     return msgs
 
 
@@ -35,8 +37,12 @@ def rows_of(data):
 
 def cfg(tmp_path, paths, **kw):
     kw.setdefault("seq_length", 64)
-    return DataConfig(paths=tuple(map(str, paths)), tokenizer_path=TOKENIZER,
-                      cache_dir=str(tmp_path / "cache"), **kw)
+    return DataConfig(
+        paths=tuple(map(str, paths)),
+        tokenizer_path=TOKENIZER,
+        cache_dir=str(tmp_path / "cache"),
+        **kw,
+    )
 
 
 def test_file_formats_give_identical_samples(tmp_path):
@@ -58,25 +64,60 @@ def test_file_formats_give_identical_samples(tmp_path):
 
 
 def test_column_overrides(tmp_path):
-    recs = [{"conversations": [{"from": m["role"], "value": m["content"]} for m in conversation(i)]} for i in range(4)]
+    recs = [
+        {"conversations": [{"from": m["role"], "value": m["content"]} for m in conversation(i)]}
+        for i in range(4)
+    ]
     pairs = [{"question": f"What is {i} + 0?", "answer": f"{i} + 0 = {i}"} for i in range(4)]
     a = write_jsonl(tmp_path / "a.jsonl", recs)
     b = write_jsonl(tmp_path / "b.jsonl", pairs)
-    columns = {"messages": "conversations", "role": "from", "content": "value", "prompt": "question", "response": "answer"}
+    columns = {
+        "messages": "conversations",
+        "role": "from",
+        "content": "value",
+        "prompt": "question",
+        "response": "answer",
+    }
     got = rows_of(build_data(cfg(tmp_path, [a, b], columns=columns, packing=False)))
-    ref = rows_of(build_data(cfg(tmp_path, [write_jsonl(tmp_path / "r.jsonl", [{"messages": conversation(i)} for i in range(4)])], packing=False)))
+    ref = rows_of(
+        build_data(
+            cfg(
+                tmp_path,
+                [
+                    write_jsonl(
+                        tmp_path / "r.jsonl", [{"messages": conversation(i)} for i in range(4)]
+                    )
+                ],
+                packing=False,
+            )
+        )
+    )
     assert [got[i] for i in range(4)] == [ref[i] for i in range(4)]
-    assert [got[4 + i] for i in range(4)] == [ref[i] for i in range(4)]  # the pair file's rows follow
+    assert [got[4 + i] for i in range(4)] == [
+        ref[i] for i in range(4)
+    ]  # the pair file's rows follow
 
 
 def test_truncation_policy_is_applied_and_reported(tmp_path):
     records = [{"messages": conversation(i, turns=1 if i % 3 else 6)} for i in range(30)]
-    records.append({"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]})
+    records.append(
+        {
+            "messages": [
+                {"role": "user", "content": "x " * 200},
+                {"role": "assistant", "content": "y"},
+            ]
+        }
+    )
     path = write_jsonl(tmp_path / "a.jsonl", records)
     long = [i for i in range(30) if i % 3 == 0]
     dropped = build_data(cfg(tmp_path, [path], truncation="drop"))
     rep = dropped.report
-    assert (rep.rows, rep.dropped_too_long, rep.truncated, rep.dropped_no_answer) == (31, len(long) + 1, 0, 0)
+    assert (rep.rows, rep.dropped_too_long, rep.truncated, rep.dropped_no_answer) == (
+        31,
+        len(long) + 1,
+        0,
+        0,
+    )
     assert set(rows_of(dropped)) == set(range(30)) - set(long)
     assert rep.longest > 64 and "dropped 11 too long" in rep.summary()
 
@@ -108,7 +149,9 @@ def test_eval_split_is_disjoint_seeded_and_stable(tmp_path):
 
 
 def test_tokenisation_is_cached_and_parallel_results_match(tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": conversation(i, 1 + i % 3)} for i in range(300)])
+    path = write_jsonl(
+        tmp_path / "a.jsonl", [{"messages": conversation(i, 1 + i % 3)} for i in range(300)]
+    )
     first = build_data(cfg(tmp_path, [path], num_proc=1))
     cache = tmp_path / "cache" / "sft"
     files = sorted(os.listdir(cache))
@@ -136,14 +179,18 @@ def test_packing_report(tmp_path):
     assert rep.train_rows == len(packed.train) < len(plain.train) == 400
     assert rep.packing_efficiency == pytest.approx(rep.train_tokens / (rep.train_rows * 256))
     assert rep.packing_efficiency > 0.95 > plain.report.packing_efficiency
-    batch_tokens = sum(int((packed.train.row(r)["segment_ids"] < len(packed.train.row_samples(r))).sum())
-                       for r in range(len(packed.train)))
+    batch_tokens = sum(
+        int((packed.train.row(r)["segment_ids"] < len(packed.train.row_samples(r))).sum())
+        for r in range(len(packed.train))
+    )
     assert batch_tokens == rep.train_tokens
 
 
 def test_missing_column_names_the_file(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"qa\.jsonl: missing column.*'messages'.*'prompt' and 'response'"):
+    with pytest.raises(
+        DataError, match=r"qa\.jsonl: missing column.*'messages'.*'prompt' and 'response'"
+    ):
         build_data(cfg(tmp_path, [path]))
 
 
@@ -152,8 +199,13 @@ def test_empty_inputs(tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match=r"empty\.jsonl: the file is empty"):
         build_data(cfg(tmp_path, [empty]))
-    long = write_jsonl(tmp_path / "long.jsonl", [{"messages": conversation(i, turns=20)} for i in range(3)])
-    with pytest.raises(DataError, match=r"no usable training sample in .*long\.jsonl: 3 rows, 3 longer than data.seq_length=64"):
+    long = write_jsonl(
+        tmp_path / "long.jsonl", [{"messages": conversation(i, turns=20)} for i in range(3)]
+    )
+    with pytest.raises(
+        DataError,
+        match=r"no usable training sample in .*long\.jsonl: 3 rows, 3 longer than data.seq_length",
+    ):
         build_data(cfg(tmp_path, [long]))
     with pytest.raises(DataError, match=r"nowhere\.jsonl: no such file"):
         build_data(cfg(tmp_path, [tmp_path / "nowhere.jsonl"]))
@@ -164,6 +216,9 @@ def test_bad_json_and_bad_pair_values_name_the_line(tmp_path):
     path.write_text(json.dumps({"messages": conversation(1)}) + "\n\n" + '{"messages": [\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON"):
         build_data(cfg(tmp_path, [path]))
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": None}])
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": None}],
+    )
     with pytest.raises(DataError, match=r"pairs\.jsonl:2: column 'response' is None"):
         build_data(cfg(tmp_path, [pairs]))

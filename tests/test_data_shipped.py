@@ -4,10 +4,7 @@ import filecmp
 import json
 import os
 
-import pytest
-
-from megatron_ift.data import load_tokenizer
-from megatron_ift.data import demo
+from megatron_ift.data import demo, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data")
@@ -33,10 +30,20 @@ def test_every_answer_is_exact():
     assert tasks == {"add", "reverse", "add_then_add", "add_then_reverse"}
     assert any(m["role"] == "system" for r in chats for m in r["messages"])
     pairs = read_jsonl(demo.PAIRS_FILE)
-    assert all(demo.verify_conversation([{"role": "user", "content": p["prompt"]},
-                                         {"role": "assistant", "content": p["response"]}]) for p in pairs)
+    assert all(
+        demo.verify_conversation(
+            [
+                {"role": "user", "content": p["prompt"]},
+                {"role": "assistant", "content": p["response"]},
+            ]
+        )
+        for p in pairs
+    )
     # The checker does catch a wrong answer.
-    bad = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 5"}]
+    bad = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "2 + 2 = 5"},
+    ]
     assert not demo.verify_conversation(bad)
 
 

@@ -12,6 +12,7 @@ from megatron_ift.data.config import DataConfig
 from megatron_ift.data.errors import DataError
 from megatron_ift.data.loader import Data, MicroBatchIterator, build_data
 from megatron_ift.data.packing import (
+    attention_mask,
     causal_attention_mask,
     cu_seqlens,
     packed_attention_mask,
@@ -26,6 +27,7 @@ __all__ = [
     "DataError",
     "MicroBatchIterator",
     "ResumableSampler",
+    "attention_mask",
     "build_data",
     "causal_attention_mask",
     "check_vocab",

@@ -38,7 +38,9 @@ class Encoded:
     """1 for tokens the model is trained to produce (assistant text and end-of-turn), else 0."""
 
 
-def check_messages(messages: Any, role_key: str = "role", content_key: str = "content") -> list[dict]:
+def check_messages(
+    messages: Any, role_key: str = "role", content_key: str = "content"
+) -> list[dict]:
     """Validate one conversation and return it as ``[{"role", "content"}]`` dicts.
 
     Raises:
@@ -99,7 +101,8 @@ class ChatEncoder:
             for tok in self.special_tokens:
                 if tok in msg["content"]:
                     raise ValueError(
-                        f"message {j} ({msg['role']}) contains the special token {tok!r} in its text"
+                        f"message {j} ({msg['role']}) contains the special token {tok!r} "
+                        "in its text"
                     )
 
     def assistant_spans(self, messages: Sequence[dict], text: str) -> list[tuple[int, int]]:
@@ -120,10 +123,19 @@ class ChatEncoder:
                     "more messages changes earlier text), so its tokens cannot be located; use a "
                     "template with {% generation %} markers"
                 )
-            turn = upto[len(before):]
+            turn = upto[len(before) :]
+            header = next((tok for tok in self.special_tokens if turn.startswith(tok)), None)
+            if header is not None:
+                # The generation prompt did not cover the assistant header (the template ignores
+                # add_generation_prompt), so the header's control tokens would be trained.
+                raise ValueError(
+                    f"assistant message {k} starts with the control token {header!r} after the "
+                    "generation prompt: the chat template must honour add_generation_prompt"
+                )
             end = len(turn)
             last = max(
-                ((turn.rfind(tok), tok) for tok in self.special_tokens), key=lambda p: p[0],
+                ((turn.rfind(tok), tok) for tok in self.special_tokens),
+                key=lambda p: p[0],
                 default=(-1, ""),
             )
             if last[0] >= 0:
@@ -145,7 +157,9 @@ class ChatEncoder:
         texts = [self.render(m) for m in conversations]
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         out = []
-        for messages, text, ids, offsets in zip(conversations, texts, enc["input_ids"], enc["offset_mapping"]):
+        for messages, text, ids, offsets in zip(
+            conversations, texts, enc["input_ids"], enc["offset_mapping"]
+        ):
             starts = np.fromiter((a for a, _ in offsets), dtype=np.int64, count=len(offsets))
             mask = np.zeros(len(ids), dtype=bool)
             for s, e in self.assistant_spans(messages, text):
@@ -161,4 +175,6 @@ class ChatEncoder:
             return_dict=True,
             return_assistant_tokens_mask=True,
         )
-        return Encoded(input_ids=list(enc["input_ids"]), assistant_mask=list(enc["assistant_masks"]))
+        return Encoded(
+            input_ids=list(enc["input_ids"]), assistant_mask=list(enc["assistant_masks"])
+        )

@@ -95,7 +95,9 @@ def collate(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     for key in KEYS:
         if key in rows[0]:
             batch[key] = torch.from_numpy(np.stack([r[key] for r in rows]))  # [b, s]
-    batch["sample_ids"] = torch.from_numpy(np.stack([r["sample_ids"] for r in rows]).astype(np.int64))  # [b]
+    batch["sample_ids"] = torch.from_numpy(
+        np.stack([r["sample_ids"] for r in rows]).astype(np.int64)
+    )  # [b]
     batch["loss_mask"] = batch["loss_mask"].to(torch.float32)
     for key in ("tokens", "labels", "position_ids", "segment_ids"):
         if key in batch:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Optional
 
 from megatron_ift.data.templates import AUTO, FALLBACK_TEMPLATES, is_literal_template
 from megatron_ift.validation import ConfigError, check_choice, check_positive_int, check_range
@@ -34,7 +34,7 @@ class DataConfig:
     (``out/text`` for ``out/text.bin`` + ``out/text.idx``)."""
     weights: Optional[tuple[float, ...]] = None
     """``pretrain`` only: blending weights, one per path (normalised); None blends by size."""
-    columns: Mapping[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
     """Column-name overrides for ``sft`` files, keys from ``messages``, ``prompt``, ``response``,
     ``system`` (optional system prompt of a pair) and ``role``/``content`` (keys inside a
     message), e.g. ``{"messages": "conversations"}``."""
@@ -84,7 +84,9 @@ class DataConfig:
         self._check_template()
         check_positive_int("data.seq_length", self.seq_length)
         if self.seq_length < 2:
-            raise ConfigError(f"data.seq_length={self.seq_length} must be >= 2 (one token and its label)")
+            raise ConfigError(
+                f"data.seq_length={self.seq_length} must be >= 2 (one token and its label)"
+            )
         check_positive_int("data.num_proc", self.num_proc)
         check_range("data.eval_fraction", self.eval_fraction, 0.0, 1.0, high_inclusive=False)
         for name in ("packing", "shuffle"):
@@ -92,7 +94,9 @@ class DataConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)!r} must be true or false")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"data.seed={self.seed!r} must be a non-negative integer")
-        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+        if self.cache_dir is not None and (
+            not isinstance(self.cache_dir, str) or not self.cache_dir
+        ):
             raise ConfigError(f"data.cache_dir={self.cache_dir!r} must be a folder path or null")
 
     def _check_weights(self) -> None:
@@ -114,7 +118,8 @@ class DataConfig:
         for key, value in self.columns.items():
             if key not in DEFAULT_COLUMNS:
                 raise ConfigError(
-                    f"data.columns has unknown key {key!r}; known keys: {', '.join(DEFAULT_COLUMNS)}"
+                    f"data.columns has unknown key {key!r}; known keys: "
+                    f"{', '.join(DEFAULT_COLUMNS)}"
                 )
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"data.columns.{key}={value!r} must be a non-empty column name")

@@ -161,14 +161,19 @@ def _write_jsonl(path: str, records: Iterable[dict]) -> None:
             fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def _training_texts(conversations: list[dict], pairs: list[dict], lines: list[dict]) -> Iterator[str]:
+def _training_texts(
+    conversations: list[dict], pairs: list[dict], lines: list[dict]
+) -> Iterator[str]:
     from jinja2 import Template
 
     template = Template(CHATML)
     for rec in conversations:
         yield template.render(messages=rec["messages"], add_generation_prompt=False)
     for rec in pairs:
-        msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+        msgs = [
+            {"role": "user", "content": rec["prompt"]},
+            {"role": "assistant", "content": rec["response"]},
+        ]
         yield template.render(messages=msgs, add_generation_prompt=False)
     for rec in lines:
         yield rec["text"]
@@ -187,7 +192,10 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = VOCAB_
     tok = Tokenizer(models.BPE())
     # Digits one by one: a tiny model learns carries far more easily than multi-digit tokens.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -212,7 +220,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = VOCAB_
         "clean_up_tokenization_spaces": False,
         "chat_template": CHATML,
     }
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8", newline="\n") as fh:
+    with open(
+        os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8", newline="\n"
+    ) as fh:
         json.dump(config, fh, indent=2, sort_keys=True)
         fh.write("\n")
 

@@ -11,7 +11,7 @@ class DataError(ValueError):
 
 
 def describe_row(path: str, row: int) -> str:
-    """Human location of 0-based ``row`` of a loaded file: ``file.jsonl:57`` or ``file.parquet row 56``.
+    """Where 0-based ``row`` of a loaded file is: ``file.jsonl:57`` or ``file.parquet row 56``.
 
     For JSON Lines files the row is mapped back to its 1-based line number, skipping the blank
     lines the JSON reader ignores. The file is only re-read on this (error) path.

@@ -7,10 +7,11 @@ concatenated and cut into ``seq_length + 1`` token windows, shuffled with the se
 documents). :class:`PretrainDataset` turns its samples into the micro-batch contract with a
 loss on every token.
 
-megatron-core's sample-index builder is a C++ extension (``helpers_cpp``). The megatron-core
-wheel ships it prebuilt, so nothing is compiled at run time; ``compile_helpers()`` (``make`` in
-the installed package) is only needed for source checkouts, and :func:`check_helpers` says so
-when the extension is missing.
+megatron-core's sample- and blend-index builders are a C++ extension (``helpers_cpp``). The
+megatron-core 0.16.1 wheel ships it prebuilt, and that is what runs here. Its runtime builder
+``megatron.core.datasets.utils.compile_helpers()`` cannot work from a wheel install (the wheel
+has no Makefile, and pybind11 is not a dependency): it is only for source checkouts.
+:func:`check_helpers` fails with that explanation if the extension is ever missing.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def check_indexed(prefix: str) -> int:
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise DataError(f"{path}: missing (data.paths prefix {prefix!r}; make it with tools/preprocess_data.py)")
+            raise DataError(
+                f"{path}: missing (data.paths prefix {prefix!r}; make it with "
+                "tools/preprocess_data.py)"
+            )
     with open(idx_path, "rb") as fh:
         head = fh.read(18)
     if len(head) < 18 or head[:9] != _INDEX_HEADER:
@@ -119,7 +123,9 @@ class PretrainDataset:
         packing: split rows at end-of-document tokens.
     """
 
-    def __init__(self, dataset: Any, *, seq_length: int, eod_id: int, pad_id: int, packing: bool) -> None:
+    def __init__(
+        self, dataset: Any, *, seq_length: int, eod_id: int, pad_id: int, packing: bool
+    ) -> None:
         self.dataset = dataset
         self.seq_length, self.eod_id, self.pad_id, self.packed = seq_length, eod_id, pad_id, packing
 
@@ -141,7 +147,9 @@ class PretrainDataset:
             segment = np.zeros(self.seq_length, dtype=np.int64)
             segment[1:] = np.cumsum(is_eod[:-1])  # the EOD token closes its document
             starts = np.flatnonzero(np.r_[True, segment[1:] != segment[:-1]])
-            row["position_ids"] = np.arange(self.seq_length) - np.repeat(starts, np.diff(np.r_[starts, self.seq_length]))
+            row["position_ids"] = np.arange(self.seq_length) - np.repeat(
+                starts, np.diff(np.r_[starts, self.seq_length])
+            )
             row["loss_mask"][is_eod] = 0.0
             row["segment_ids"] = segment
         row["sample_ids"] = np.asarray(i, dtype=np.int64)
@@ -190,14 +198,18 @@ def build_pretrain(
     Raises:
         DataError: unreadable index/data files. ConfigError: weights without sample counts.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     from megatron_ift.data.tokenizer import megatron_tokenizer
 
     check_helpers()
     documents = [check_indexed(p) for p in cfg.paths]
-    if cfg.weights is not None and (train_samples is None or (cfg.eval_fraction > 0 and eval_samples is None)):
+    if cfg.weights is not None and (
+        train_samples is None or (cfg.eval_fraction > 0 and eval_samples is None)
+    ):
         raise ConfigError(
             "data.weights needs the number of sequences to draw: pass train_samples (and "
             "eval_samples when data.eval_fraction > 0) to build the pretraining data"
@@ -235,13 +247,17 @@ def build_pretrain(
     pad = tokenizer.pad if tokenizer.pad is not None else tokenizer.eod
 
     def wrap(ds: Any) -> PretrainDataset:
-        return PretrainDataset(ds, seq_length=cfg.seq_length, eod_id=tokenizer.eod, pad_id=pad, packing=cfg.packing)
+        return PretrainDataset(
+            ds, seq_length=cfg.seq_length, eod_id=tokenizer.eod, pad_id=pad, packing=cfg.packing
+        )
 
     evaluation = wrap(valid) if valid is not None and len(valid) > 0 else None
     report = PretrainReport(
-        prefixes=list(cfg.paths), documents=documents,
+        prefixes=list(cfg.paths),
+        documents=documents,
         weights=list(cfg.weights) if cfg.weights else None,
-        train_samples=len(train), eval_samples=len(evaluation) if evaluation else 0,
+        train_samples=len(train),
+        eval_samples=len(evaluation) if evaluation else 0,
     )
     logger.info(report.summary())
     return wrap(train), evaluation, report

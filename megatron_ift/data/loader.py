@@ -16,7 +16,7 @@ index files land in the caches), then on the other ranks, which load the cached 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -49,7 +49,9 @@ class MicroBatchIterator:
 
     def __init__(self, source: RowSource, sampler: ResumableSampler) -> None:
         if len(source) != sampler.num_samples:
-            raise ValueError(f"sampler covers {sampler.num_samples} rows but the source has {len(source)}")
+            raise ValueError(
+                f"sampler covers {sampler.num_samples} rows but the source has {len(source)}"
+            )
         self.source, self.sampler = source, sampler
 
     def __iter__(self) -> "MicroBatchIterator":
@@ -57,7 +59,9 @@ class MicroBatchIterator:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         indices = self.sampler.next_indices()  # raises StopIteration after the last epoch
-        rows = [self.source.empty_row() if i == PAD_INDEX else self.source.row(int(i)) for i in indices]
+        rows = [
+            self.source.empty_row() if i == PAD_INDEX else self.source.row(int(i)) for i in indices
+        ]
         return collate(rows)
 
     @property
@@ -87,7 +91,8 @@ class Data:
     eval: Optional[RowSource]
     tokenizer: Any
     report: Any
-    """:class:`~megatron_ift.data.sft.SFTReport` or :class:`~megatron_ift.data.indexed.PretrainReport`."""
+    """An :class:`~megatron_ift.data.sft.SFTReport` or a
+    :class:`~megatron_ift.data.indexed.PretrainReport`."""
 
     def train_iterator(
         self,
@@ -105,14 +110,21 @@ class Data:
         global batch is dropped.
         """
         sampler = ResumableSampler(
-            len(self.train), dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro_batch_size,
-            num_microbatches=num_microbatches, seed=self.config.seed,
+            len(self.train),
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            micro_batch_size=micro_batch_size,
+            num_microbatches=num_microbatches,
+            seed=self.config.seed,
             shuffle=self.config.shuffle and self.config.format == "sft",
-            drop_last=True, num_epochs=num_epochs,
+            drop_last=True,
+            num_epochs=num_epochs,
         )
         return MicroBatchIterator(self.train, sampler)
 
-    def eval_iterator(self, *, dp_rank: int, dp_size: int, micro_batch_size: int) -> MicroBatchIterator:
+    def eval_iterator(
+        self, *, dp_rank: int, dp_size: int, micro_batch_size: int
+    ) -> MicroBatchIterator:
         """One pass over the held-out rows in order, split over data-parallel ranks.
 
         The last micro-batch is completed with empty rows (``loss_mask`` 0, ``sample_ids`` -1)
@@ -124,8 +136,15 @@ class Data:
         if self.eval is None:
             raise ValueError("no eval split: set data.eval_fraction > 0")
         sampler = ResumableSampler(
-            len(self.eval), dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro_batch_size,
-            num_microbatches=1, seed=self.config.seed, shuffle=False, drop_last=False, num_epochs=1,
+            len(self.eval),
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            micro_batch_size=micro_batch_size,
+            num_microbatches=1,
+            seed=self.config.seed,
+            shuffle=False,
+            drop_last=False,
+            num_epochs=1,
         )
         return MicroBatchIterator(self.eval, sampler)
 
@@ -171,5 +190,7 @@ def build_data(
         from megatron_ift.data.indexed import build_pretrain
 
         # megatron-core's builder already builds on rank 0 first and synchronises the others.
-        train, evaluation, report = build_pretrain(cfg, train_samples=train_samples, eval_samples=eval_samples)
+        train, evaluation, report = build_pretrain(
+            cfg, train_samples=train_samples, eval_samples=eval_samples
+        )
     return Data(config=cfg, train=train, eval=evaluation, tokenizer=tokenizer, report=report)

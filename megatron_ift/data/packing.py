@@ -15,7 +15,7 @@ label would be the next segment's first token (see :mod:`megatron_ift.data.colla
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,9 @@ def pack_best_fit(lengths: Sequence[int], capacity: int) -> tuple[np.ndarray, np
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size and (lengths.min() < 1 or lengths.max() > capacity):
-        raise ValueError(f"sample lengths must be in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
+        raise ValueError(
+            f"sample lengths must be in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]"
+        )
     order = np.lexsort((np.arange(lengths.size), -lengths))  # length desc, index asc
     free: list[tuple[int, int]] = []  # sorted (space left, row id)
     rows: list[list[int]] = []
@@ -87,6 +89,21 @@ def causal_attention_mask(batch_size: int, seq_length: int) -> torch.Tensor:
     """The plain causal mask ``[b, 1, s, s]`` (True = masked), for rows that are not packed."""
     causal = torch.ones(seq_length, seq_length, dtype=torch.bool).tril()
     return (~causal).expand(batch_size, 1, seq_length, seq_length).contiguous()
+
+
+def attention_mask(batch: dict) -> Optional[torch.Tensor]:
+    """The mask a micro-batch needs with megatron-core's local attention.
+
+    Args:
+        batch: a micro-batch dict (:mod:`megatron_ift.data.collate`).
+
+    Returns:
+        ``[b, 1, s, s]`` bool (True = masked) for packed rows; None otherwise, which leaves
+        megatron-core's own causal mask in place (unpacked rows only pad at the end, and
+        causal attention never looks ahead into the padding).
+    """
+    seg = batch.get("segment_ids")
+    return None if seg is None else packed_attention_mask(seg)
 
 
 def cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,9 @@ def _init_worker(tokenizer_path: str, json_key: str, append_eod: bool) -> None:
     tok = load_tokenizer(tokenizer_path)
     eod = tok.eos_token_id
     if append_eod and eod is None:
-        raise DataError(f"the tokenizer at {tokenizer_path!r} has no end-of-sequence token to append")
+        raise DataError(
+            f"the tokenizer at {tokenizer_path!r} has no end-of-sequence token to append"
+        )
     _WORKER.update(tokenizer=tok, key=json_key, eod=eod if append_eod else None)
 
 
@@ -43,7 +45,9 @@ def _encode(item: tuple[str, int, str]) -> Optional[list[int]]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(
+            f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"
+        ) from None
     key = _WORKER["key"]
     if not isinstance(record, dict) or key not in record:
         raise DataError(f"{path}:{number}: missing column {key!r} (set --json-key)")
@@ -122,7 +126,9 @@ def preprocess(
         else:
             _init_worker(*init_args)
             results = map(_encode, _lines(inputs))
-        for ids in tqdm(results, desc=f"tokenising -> {output_prefix}", unit=" docs", disable=not progress):
+        for ids in tqdm(
+            results, desc=f"tokenising -> {output_prefix}", unit=" docs", disable=not progress
+        ):
             if ids is None:
                 counts["skipped_empty"] += 1
                 continue
@@ -153,14 +159,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Tokenise JSON Lines text into Megatron indexed .bin/.idx files."
     )
-    parser.add_argument("--input", nargs="+", required=True, help="JSON Lines file(s), one document per line")
-    parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="JSON Lines file(s), one document per line"
+    )
+    parser.add_argument(
+        "--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx"
+    )
     parser.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer folder")
-    parser.add_argument("--json-key", default="text", help="text field of each record (default: text)")
+    parser.add_argument(
+        "--json-key", default="text", help="text field of each record (default: text)"
+    )
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     parser.add_argument("--chunk-size", type=int, default=64, help="lines per worker task")
-    parser.add_argument("--no-append-eod", dest="append_eod", action="store_false",
-                        help="do not end documents with the end-of-sequence token")
+    parser.add_argument(
+        "--no-append-eod",
+        dest="append_eod",
+        action="store_false",
+        help="do not end documents with the end-of-sequence token",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.chunk_size < 1:
@@ -173,8 +189,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         counts = preprocess(
-            args.input, args.output_prefix, args.tokenizer, json_key=args.json_key,
-            workers=args.workers, append_eod=args.append_eod, chunk_size=args.chunk_size,
+            args.input,
+            args.output_prefix,
+            args.tokenizer,
+            json_key=args.json_key,
+            workers=args.workers,
+            append_eod=args.append_eod,
+            chunk_size=args.chunk_size,
             progress=not args.quiet,
         )
     except DataError as exc:

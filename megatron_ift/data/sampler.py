@@ -98,10 +98,12 @@ class ResumableSampler:
         return self.global_batches_per_epoch * self.global_batch_size
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """``[num_samples]`` dataset indices in the order of ``epoch`` (a function of seed and epoch)."""
+        """``[num_samples]`` dataset indices in epoch ``epoch``'s order (from seed, epoch only)."""
         if not self.shuffle:
             return np.arange(self.num_samples, dtype=np.int64)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples).astype(np.int64)
+        return (
+            np.random.default_rng([self.seed, epoch]).permutation(self.num_samples).astype(np.int64)
+        )
 
     def _order_of(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:

@@ -45,7 +45,9 @@ OK, TRUNCATED, TOO_LONG, NO_ANSWER = 0, 1, 2, 3
 class _Tokenize:
     """``Dataset.map`` function for one source file (picklable, for ``num_proc`` workers)."""
 
-    def __init__(self, source: Source, encoder: ChatEncoder, cfg: DataConfig, id_offset: int) -> None:
+    def __init__(
+        self, source: Source, encoder: ChatEncoder, cfg: DataConfig, id_offset: int
+    ) -> None:
         self.path = source.path
         self.kind = source.kind
         self.columns = source.columns
@@ -57,7 +59,9 @@ class _Tokenize:
 
     def _messages(self, batch: dict, i: int) -> list[dict]:
         if self.kind == CHAT:
-            return check_messages(batch[self.columns["messages"]][i], self.role_key, self.content_key)
+            return check_messages(
+                batch[self.columns["messages"]][i], self.role_key, self.content_key
+            )
         prompt = batch[self.columns["prompt"]][i]
         response = batch[self.columns["response"]][i]
         for name, value in (("prompt", prompt), ("response", response)):
@@ -65,8 +69,8 @@ class _Tokenize:
                 raise ValueError(f"column {self.columns[name]!r} is {value!r}, not a string")
         msgs = []
         system = batch[self.columns["system"]][i] if self.columns.get("system") else None
-        if system:
-            msgs.append({"role": "system", "content": str(system)})
+        if isinstance(system, str) and system:  # None / NaN / "" mean no system prompt
+            msgs.append({"role": "system", "content": system})
         msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         return msgs
 
@@ -87,7 +91,9 @@ class _Tokenize:
                 except ValueError as exc:
                     raise DataError(f"{describe_row(self.path, row)}: {exc}") from None
             raise
-        out: dict[str, list] = {k: [] for k in ("input_ids", "assistant_mask", "sample_id", "full_length", "status")}
+        out: dict[str, list] = {
+            k: [] for k in ("input_ids", "assistant_mask", "sample_id", "full_length", "status")
+        }
         for enc, row in zip(encoded, indices):
             ids, mask, status = enc.input_ids, enc.assistant_mask, OK
             if len(ids) > self.seq_length:
@@ -108,13 +114,15 @@ class _Tokenize:
 def _features() -> Any:
     from datasets import Features, Sequence, Value
 
-    return Features({
-        "input_ids": Sequence(Value("int32")),
-        "assistant_mask": Sequence(Value("int8")),
-        "sample_id": Value("int64"),
-        "full_length": Value("int32"),
-        "status": Value("int8"),
-    })
+    return Features(
+        {
+            "input_ids": Sequence(Value("int32")),
+            "assistant_mask": Sequence(Value("int8")),
+            "sample_id": Value("int64"),
+            "full_length": Value("int32"),
+            "status": Value("int8"),
+        }
+    )
 
 
 def _folder_digest(path: str) -> str:
@@ -139,9 +147,7 @@ def _cache_root(cfg: DataConfig) -> str:
     return root
 
 
-def tokenize_sources(
-    sources: list[Source], tokenizer: Any, template: str, cfg: DataConfig
-) -> Any:
+def tokenize_sources(sources: list[Source], tokenizer: Any, template: str, cfg: DataConfig) -> Any:
     """All sources tokenised and concatenated (one row per input row, in order).
 
     Columns: ``input_ids``, ``assistant_mask`` (empty for dropped rows), ``sample_id``,
@@ -154,25 +160,40 @@ def tokenize_sources(
     root = _cache_root(cfg)
     parts, offset = [], 0
     for src in sources:
-        key = "|".join(map(str, (
-            _CACHE_VERSION, src.dataset._fingerprint, src.kind, sorted(src.columns.items()),
-            cfg.column("role"), cfg.column("content"), tok_digest, template, cfg.seq_length,
-            cfg.truncation, offset,
-        )))
+        key = "|".join(
+            map(
+                str,
+                (
+                    _CACHE_VERSION,
+                    src.dataset._fingerprint,
+                    src.kind,
+                    sorted(src.columns.items()),
+                    cfg.column("role"),
+                    cfg.column("content"),
+                    tok_digest,
+                    template,
+                    cfg.seq_length,
+                    cfg.truncation,
+                    offset,
+                ),
+            )
+        )
         fingerprint = hashlib.sha256(key.encode()).hexdigest()[:32]
         num_proc = min(cfg.num_proc, len(src.dataset))
-        parts.append(src.dataset.map(
-            _Tokenize(src, encoder, cfg, offset),
-            batched=True,
-            batch_size=256,
-            with_indices=True,
-            remove_columns=src.dataset.column_names,
-            features=_features(),
-            num_proc=num_proc if num_proc > 1 else None,
-            new_fingerprint=fingerprint,
-            cache_file_name=os.path.join(root, f"tokenized-{fingerprint}.arrow"),
-            desc=f"tokenising {os.path.basename(src.path)}",
-        ))
+        parts.append(
+            src.dataset.map(
+                _Tokenize(src, encoder, cfg, offset),
+                batched=True,
+                batch_size=256,
+                with_indices=True,
+                remove_columns=src.dataset.column_names,
+                features=_features(),
+                num_proc=num_proc if num_proc > 1 else None,
+                new_fingerprint=fingerprint,
+                cache_file_name=os.path.join(root, f"tokenized-{fingerprint}.arrow"),
+                desc=f"tokenising {os.path.basename(src.path)}",
+            )
+        )
         offset += len(src.dataset)
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
@@ -278,7 +299,9 @@ class SFTDataset:
         """
         ks = self.row_samples(i)
         segments = [self.sample(int(k)) for k in ks]
-        return assemble_row(segments, self.seq_length, self.pad_id, int(self.sample_ids[ks[0]]), self.packed)
+        return assemble_row(
+            segments, self.seq_length, self.pad_id, int(self.sample_ids[ks[0]]), self.packed
+        )
 
     def empty_row(self) -> dict[str, np.ndarray]:
         return empty_row(self.seq_length, self.pad_id, self.packed)
@@ -305,7 +328,9 @@ def eval_members(num_rows: int, fraction: float, seed: int) -> np.ndarray:
     return held
 
 
-def build_sft(cfg: DataConfig, tokenizer: Any) -> tuple[SFTDataset, Optional[SFTDataset], SFTReport]:
+def build_sft(
+    cfg: DataConfig, tokenizer: Any
+) -> tuple[SFTDataset, Optional[SFTDataset], SFTReport]:
     """Train (and eval) SFT datasets from ``cfg``.
 
     Args:
@@ -348,8 +373,16 @@ def build_sft(cfg: DataConfig, tokenizer: Any) -> tuple[SFTDataset, Optional[SFT
     pad = pad_token_id(tokenizer)
 
     def make(pos: np.ndarray) -> SFTDataset:
-        return SFTDataset(values, offsets, masks, pos, sample_ids[pos],
-                          seq_length=cfg.seq_length, pad_id=pad, packing=cfg.packing)
+        return SFTDataset(
+            values,
+            offsets,
+            masks,
+            pos,
+            sample_ids[pos],
+            seq_length=cfg.seq_length,
+            pad_id=pad,
+            packing=cfg.packing,
+        )
 
     train = make(train_pos)
     evaluation = make(eval_pos) if eval_pos.size else None

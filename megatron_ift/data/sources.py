@@ -16,7 +16,13 @@ from typing import Any, Optional
 
 from megatron_ift.data.errors import DataError
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+}
 
 CHAT = "chat"
 PAIR = "pair"
@@ -89,7 +95,9 @@ def load_file(path: str, cache_dir: Optional[str] = None) -> Any:
         raise
     except Exception as exc:  # datasets wraps parser errors in its own, uninformative types
         where = _first_bad_json_line(path) if builder == "json" else None
-        raise DataError(where or f"{path}: cannot be read as {builder or 'a saved dataset'}: {exc}") from exc
+        raise DataError(
+            where or f"{path}: cannot be read as {builder or 'a saved dataset'}: {exc}"
+        ) from exc
     if len(ds) == 0:
         raise DataError(f"{path}: has no rows")
     return ds
@@ -112,9 +120,16 @@ def detect(path: str, dataset: Any, column: Any) -> Source:
         return Source(path, dataset, CHAT, {"messages": messages})
     prompt, response, system = column("prompt"), column("response"), column("system")
     if prompt in names and response in names:
-        return Source(path, dataset, PAIR, {
-            "prompt": prompt, "response": response, "system": system if system in names else None,
-        })
+        return Source(
+            path,
+            dataset,
+            PAIR,
+            {
+                "prompt": prompt,
+                "response": response,
+                "system": system if system in names else None,
+            },
+        )
     missing = [c for c in (prompt, response) if c not in names]
     raise DataError(
         f"{path}: missing column(s); it has {sorted(names)} but chat data needs a {messages!r} "
@@ -123,6 +138,8 @@ def detect(path: str, dataset: Any, column: Any) -> Source:
     )
 
 
-def load_sources(paths: tuple[str, ...], column: Any, cache_dir: Optional[str] = None) -> list[Source]:
+def load_sources(
+    paths: tuple[str, ...], column: Any, cache_dir: Optional[str] = None
+) -> list[Source]:
     """Load and classify every configured SFT input, in order."""
     return [detect(p, load_file(p, cache_dir), column) for p in paths]

@@ -10,8 +10,8 @@ Per layout the planner computes, for the worst pipeline stage of one GPU:
   it adds a transient (one layer's working set plus the logits) that does not coexist with the
   training activations, and the token ids kept between the passes.
 
-A layout *fits* when, with the least recomputation that fits, state + activation peak + reserve
-stay within the GPU's memory. Fitting layouts are ranked by an estimated step time: compute at an
+A layout *fits* when, with the least recomputation that fits, state + activation peak + a fixed
+reserve stay within the GPU's memory less a headroom fraction. Fitting layouts are ranked by an estimated step time: compute at an
 assumed model-FLOPs utilisation, the pipeline bubble, and tensor-, pipeline- and data-parallel
 traffic at assumed bandwidths with no overlap (megatron's defaults overlap none of it here). The
 estimate orders layouts; it is not a measured throughput.
@@ -47,8 +47,13 @@ class Cluster:
     """GPUs per node; tensor parallelism stays within a node."""
     gpu_memory_gib: float = 79.6
     """Memory per GPU. 80 GB H100/A100 cards expose 81,559 MiB = 79.6 GiB."""
-    reserved_gib: float = 4.0
-    """Held back from every GPU: CUDA context and kernels, NCCL buffers, allocator slack."""
+    reserved_gib: float = 3.0
+    """Fixed per-GPU overhead outside the model: CUDA context and kernels, NCCL buffers, cuBLAS
+    and Transformer Engine workspaces."""
+    headroom: float = 0.10
+    """Fraction of the memory a plan leaves free, for allocator fragmentation and the error of
+    the activation estimates (not yet checked on a GPU): a layout fits when its total stays
+    within ``gpu_memory_gib * (1 - headroom)``."""
     intra_node_gbps: float = 360.0
     """Achievable collective bandwidth per GPU inside a node, GB/s (NVLink 4: ~360-450)."""
     inter_node_gbps: float = 40.0
@@ -64,11 +69,17 @@ class Cluster:
         for name in ("gpu_memory_gib", "intra_node_gbps", "inter_node_gbps", "peak_tflops"):
             check_range(f"cluster.{name}", getattr(self, name), 0.0, low_inclusive=False)
         check_range("cluster.reserved_gib", self.reserved_gib, 0.0, self.gpu_memory_gib)
+        check_range("cluster.headroom", self.headroom, 0.0, 1.0, high_inclusive=False)
         check_range("cluster.mfu", self.mfu, 0.0, 1.0, low_inclusive=False)
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def usable_bytes(self) -> int:
+        """What a plan may use per GPU: the memory less the headroom."""
+        return int(self.gpu_memory_gib * (1 - self.headroom) * GIB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +201,10 @@ class Candidate:
     @property
     def total(self) -> int:
         return self.worst.total(self.recompute or "full")
+
+    def overrides(self) -> list[str]:
+        """The trainer's overrides for this candidate: layout and recomputation."""
+        return self.layout.overrides() + [f"train.recompute={self.recompute or 'full'}"]
 
 
 @dataclass(frozen=True)
@@ -316,7 +331,7 @@ def step_cost(model: ModelConfig, cluster: Cluster, workload: Workload, layout: 
 def evaluate(model: ModelConfig, cluster: Cluster, workload: Workload, layout: Layout
              ) -> Candidate:
     """Memory of every stage, least fitting recomputation, step-time estimate."""
-    capacity = int(cluster.gpu_memory_gib * GIB)
+    capacity = cluster.usable_bytes
     stages = [stage_memory(model, cluster, workload, layout, r) for r in range(layout.pp)]
     recompute = next((rc for rc in RECOMPUTE
                       if max(st.total(rc) for st in stages) <= capacity), None)

@@ -41,7 +41,7 @@ def to_dict(plan: Plan, top: int = 10) -> dict[str, Any]:
             "layout": {"tp": c.layout.tp, "pp": c.layout.pp, "dp": c.layout.dp,
                        "vpp": c.layout.vpp, "sequence_parallel": c.layout.sequence_parallel},
             "label": c.layout.label(),
-            "overrides": c.layout.overrides(),
+            "overrides": c.overrides(),
             "fits": c.fits,
             "recompute": c.recompute,
             "num_microbatches": c.num_microbatches,
@@ -78,7 +78,8 @@ def render(plan: Plan, name: str, top: int = 10) -> str:
         f"{name}: {model.num_parameters() / 1e9:.2f} B parameters, {model.num_layers} layers, "
         f"hidden {model.hidden_size}, vocab {model.vocab_size}",
         f"cluster: {cl.nodes} node(s) x {cl.gpus_per_node} GPUs = {cl.world_size}, "
-        f"{cl.gpu_memory_gib:g} GiB each ({cl.reserved_gib:g} GiB reserved)",
+        f"{cl.gpu_memory_gib:g} GiB each, plans use <= {cl.usable_bytes / GIB:.2f} GiB "
+        f"({cl.headroom:.0%} headroom)",
         f"workload: seq {wl.seq_length}, micro-batch {wl.micro_batch_size}, global batch "
         f"{wl.global_batch_size}, {'IFT (estimation pass)' if wl.ift else 'SFT'}, "
         f"{model.params_dtype} weights, {'fp32' if wl.grad_reduce_in_fp32 else 'bf16'} grads, "
@@ -92,15 +93,15 @@ def render(plan: Plan, name: str, top: int = 10) -> str:
         lines.append(f"recommended: {best.layout.label()}"
                      f"{' (sequence parallel)' if best.layout.sequence_parallel else ''}, "
                      f"recompute {best.recompute}, {best.num_microbatches} micro-batches per step")
-        lines.append("  trainer overrides: " + " ".join(best.layout.overrides()))
+        lines.append("  trainer overrides: " + " ".join(best.overrides()))
     else:
         lines.append("NO LAYOUT FITS: the closest one (full recomputation) is shown")
     lines.append(f"per-GPU memory, worst stage (stage {shown.worst.pp_rank} of "
                  f"{shown.layout.pp}), {shown.worst.state.num_params / 1e9:.3f} B parameters:")
     for label, value in memory_rows(shown):
-        lines.append(f"  {label:<44}{_gib(value)}")
-    lines.append(f"  {'total (recompute ' + (shown.recompute or 'full') + ')':<44}"
-                 f"{_gib(shown.total)}  of {_gib(shown.capacity).strip()}")
+        lines.append(f"  {label:<48}{_gib(value)}")
+    lines.append(f"  {'total (recompute ' + (shown.recompute or 'full') + ')':<48}"
+                 f"{_gib(shown.total)}  of {_gib(shown.capacity).strip()} usable")
     lines += ["", f"layouts ({sum(c.fits for c in plan.candidates)} of {len(plan.candidates)} "
                   f"fit; ranked by estimated step time, top {min(top, len(plan.candidates))}):",
               f"  {'#':>2}  {'layout':<20}{'fits':<6}{'recompute':<11}{'GiB':>7}{'bubble':>8}"

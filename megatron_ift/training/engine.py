@@ -146,8 +146,8 @@ def build_optimizer(
     return optimizer
 
 
-def build_scheduler(optimizer, optim: OptimizerConfig, total_steps: int) -> OptimizerParamScheduler:
-    """Warm-up then cosine/linear/constant decay, stepped once per optimizer step."""
+def warmup_steps(optim: OptimizerConfig, total_steps: int) -> int:
+    """Warm-up length in steps; raises if it does not fit in the run."""
     if total_steps < 1:
         raise ConfigError(f"train.steps={total_steps} must be >= 1")
     warmup = (
@@ -159,6 +159,12 @@ def build_scheduler(optimizer, optim: OptimizerConfig, total_steps: int) -> Opti
         raise ConfigError(
             f"optimizer warm-up ({warmup} steps) must be shorter than train.steps={total_steps}"
         )
+    return warmup
+
+
+def build_scheduler(optimizer, optim: OptimizerConfig, total_steps: int) -> OptimizerParamScheduler:
+    """Warm-up then cosine/linear/constant decay, stepped once per optimizer step."""
+    warmup = warmup_steps(optim, total_steps)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup > 0 else optim.lr,
@@ -171,5 +177,6 @@ def build_scheduler(optimizer, optim: OptimizerConfig, total_steps: int) -> Opti
         end_wd=optim.weight_decay,
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
-        override_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+        use_checkpoint_opt_param_scheduler=True,
     )

@@ -25,6 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ift.checkpoint.model_io import unwrap
+from megatron_ift.data.packing import attention_mask
 from megatron_ift.ift import (
     Groups,
     IFTConfig,
@@ -53,17 +54,6 @@ class StepOutput:
 
     loss: float  # the IFT loss of the global batch
     metrics: dict[str, float]
-
-
-def attention_mask_for(batch: MicroBatch) -> Optional[torch.Tensor]:
-    """Block-diagonal causal mask ``[b, 1, s, s]`` (True = masked) for packed rows, else None."""
-    seg = batch.get("segment_ids")
-    if seg is None:
-        return None
-    s = seg.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
-    same = seg[:, :, None] == seg[:, None, :]
-    return ~(same & causal)[:, None]
 
 
 class IFTStep:
@@ -107,7 +97,7 @@ class IFTStep:
         them before and runs the optimizer after. ``forward_only`` evaluates without gradients.
         """
         self._validate(microbatches)
-        lam = lambda_at(self.cfg, step) if (self.cfg.needs_estimates or self.cfg.max_lambda) else 0.0
+        lam = lambda_at(self.cfg, step)
         sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64)
         weight_max = torch.zeros((), dtype=torch.float64)
 
@@ -174,7 +164,7 @@ class IFTStep:
 
     def _estimation_forward(self, data_iterator: Iterator[MicroBatch], model, *, step: int):
         mb = next(data_iterator)
-        output = model(mb["tokens"], mb["position_ids"], attention_mask_for(mb))
+        output = model(mb["tokens"], mb["position_ids"], attention_mask(mb))
         return output, partial(self._estimation_collect, mb, step)
 
     def _estimation_collect(self, mb: MicroBatch, step: int, logits: torch.Tensor, non_loss_data: bool = True):
@@ -218,7 +208,7 @@ class IFTStep:
     def _optimisation_forward(self, data_iterator, model, *, estimates, lam: float):
         mb = next(data_iterator)
         bare = unwrap(model)
-        mask = attention_mask_for(mb)
+        mask = attention_mask(mb)
         if bare.pre_process and (lam > 0.0 or self.cfg.mixing_embeddings == "detached"):
             xhat = estimates[int(mb["index"])]
             decoder_input = mix_embeddings(
@@ -307,5 +297,10 @@ class IFTStep:
             "weight_entropy": s["weight_entropy_sum"] / max(s["num_samples"], 1.0),
             "num_samples": s["num_samples"],
             "num_tokens": s["num_tokens"],
+            # raw sums, for exact aggregation over several steps (evaluation)
+            "loss_sum": s["loss_sum"],
+            "count": s["count"],
+            "sft_sum": s["sft_sum"],
+            "sft_count": s["sft_count"],
         }
         return StepOutput(loss=metrics["loss"], metrics=metrics)

@@ -59,24 +59,26 @@ def run_spec(spec: dict) -> None:
     for n, layout in enumerate(spec["layouts"]):
         if n:
             parallel_state.destroy_model_parallel()
-        tp, pp = layout["tp"], layout["pp"]
-        par = setup(tp=tp, pp=pp, seed=99)
+        tp, pp, vpp = layout["tp"], layout["pp"], layout.get("vpp")
+        par = setup(tp=tp, pp=pp, vpp=vpp, seed=99)
         dp_rank = parallel_state.get_data_parallel_rank()
         for j, job in enumerate(layout["jobs"]):
             ckpt = resolve(job["ckpt"])
             meta = read_metadata(ckpt)
             model = dataclasses.replace(ModelConfig(**meta["model"]), transformer_impl="local")
-            (chunk,) = build_gpt_chunks(model, par)
-            load_model([chunk], ckpt)
+            chunks = build_gpt_chunks(model, par)
+            load_model(chunks, ckpt)
             if spec.get("keys_out") and n == 0 and j == 0 and dist.get_rank() == 0:
                 with open(spec["keys_out"], "w") as f:
-                    json.dump(sharded_keys(chunk), f)
-            logits = pipeline_logits(chunk, torch.load(job["tokens"]), model.hidden_size, pp)
-            if logits is not None and dp_rank == 0:
-                torch.save(logits, job["out"])
+                    json.dump(sharded_keys(chunks[0]), f)
+            if job.get("out"):
+                (chunk,) = chunks  # the hand-written pipeline forward has no virtual stages
+                logits = pipeline_logits(chunk, torch.load(job["tokens"]), model.hidden_size, pp)
+                if logits is not None and dp_rank == 0:
+                    torch.save(logits, job["out"])
             if job.get("resave"):
                 target = os.path.join(job["resave"], iter_name(0))
-                save_model([chunk], target)
+                save_model(chunks, target)
                 if dist.get_rank() == 0:
                     write_metadata(target, meta)
                     mark_latest(job["resave"], 0)

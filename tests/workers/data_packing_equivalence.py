@@ -26,7 +26,12 @@ def ift_step(model, batch, mask, vocab, *, global_positions=False):
     import torch
 
     from megatron_ift.ift import (
-        Groups, IFTConfig, estimate, estimated_sequence, label_logprobs, propagation_weights,
+        Groups,
+        IFTConfig,
+        estimate,
+        estimated_sequence,
+        label_logprobs,
+        propagation_weights,
     )
 
     cfg = IFTConfig(gamma=0.95, max_lambda=LAMBDA)
@@ -39,7 +44,9 @@ def ift_step(model, batch, mask, vocab, *, global_positions=False):
         logits = model(tokens, pos, mask)  # [b, s, v]
         est = estimate(logits, cfg, vocab)  # [b, s]
     xhat = estimated_sequence(tokens, est, loss_mask, seg)
-    emb = (1 - LAMBDA) * model.embedding(tokens, pos) + LAMBDA * model.embedding(xhat, pos)  # [s, b, h]
+    emb = (1 - LAMBDA) * model.embedding(tokens, pos) + LAMBDA * model.embedding(
+        xhat, pos
+    )  # [s, b, h]
     logits = model(tokens, pos, mask, decoder_input=emb)  # [b, s, v]
     logps = label_logprobs(logits, labels)  # [b, s]
     groups = Groups.build(loss_mask, seg)
@@ -62,18 +69,28 @@ def run_variant(position_embedding_type: str, packed: dict, unpacked: list, voca
 
     b, s = packed["tokens"].shape
     cpu_compat.model_parallel_seed(1)
-    (model,) = build_gpt_chunks(ModelConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=vocab,
-        make_vocab_size_divisible_by=8, max_position_embeddings=s, ffn_hidden_size=64,
-        position_embedding_type=position_embedding_type,
-    ), ParallelConfig())
+    (model,) = build_gpt_chunks(
+        ModelConfig(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            vocab_size=vocab,
+            make_vocab_size_divisible_by=8,
+            max_position_embeddings=s,
+            ffn_hidden_size=64,
+            position_embedding_type=position_embedding_type,
+        ),
+        ParallelConfig(),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grads_of(loss):
         for p in params:
             p.grad = None
         loss.backward()
-        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        return [
+            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
+        ]
 
     # Reference: every sample alone in its own (padded, unpacked) row, gradients accumulated.
     ref_losses, ref_grads = [], [torch.zeros_like(p) for p in params]
@@ -92,7 +109,9 @@ def run_variant(position_embedding_type: str, packed: dict, unpacked: list, voca
         same_shape = losses.shape == ref_losses.shape
         out[name] = {
             "num_samples": int(losses.numel()),
-            "loss_max_abs": float((losses - ref_losses).abs().max()) if same_shape else float("inf"),
+            "loss_max_abs": float((losses - ref_losses).abs().max())
+            if same_shape
+            else float("inf"),
             "loss_ref_max": float(ref_losses.abs().max()),
             "grad_max_abs": max(float((g - r).abs().max()) for g, r in zip(grads, ref_grads)),
             "grad_ref_max": max(float(r.abs().max()) for r in ref_grads),

@@ -10,7 +10,8 @@ step (Adam allocates its moments lazily) and compares, on every rank:
 * bytes of distinct tensors autograd saves during one forward (``saved_tensors_hooks``) with
   :func:`saved_bytes` for the local spec: exactly.
 
-Prints one ``CASE <name> OK ...`` line per case on rank 0; raises on the first mismatch.
+Prints one ``CASE <name> OK ...`` line per case and ``ALL <n> CASES OK`` on rank 0; raises on
+the first mismatch (every rank checks its own stage and shard).
 """
 
 from __future__ import annotations
@@ -215,6 +216,8 @@ def main(argv: list[str]) -> int:
                                        mha=name.endswith("mha"))
             if dist.get_rank() == 0:
                 print(f"CASE {name} OK {detail}", flush=True)
+    if dist.get_rank() == 0:
+        print(f"ALL {len(selected)} CASES OK", flush=True)
     destroy_distributed()
     return 0
 

@@ -1,0 +1,28 @@
+"""``megatron-ift <command>``: train, convert, preprocess, plan."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = {
+    "train": ("megatron_ift.train", "train a model (IFT or SFT) from a YAML config"),
+    "convert": ("megatron_ift.convert.cli", "Hugging Face <-> Megatron checkpoint conversion"),
+    "preprocess": ("megatron_ift.data.preprocess", "jsonl text -> Megatron indexed .bin/.idx"),
+    "plan": ("megatron_ift.planning.cli", "memory and parallel-layout planner"),
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: megatron-ift <command> [args]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

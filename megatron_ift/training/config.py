@@ -1,0 +1,169 @@
+"""RunConfig: everything one training run needs, one frozen dataclass per section."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_ift.config_io import apply_overrides, from_dict, load_yaml
+from megatron_ift.data.config import DataConfig
+from megatron_ift.ift.config import IFTConfig
+from megatron_ift.models.config import ModelConfig
+from megatron_ift.parallel import ParallelConfig
+from megatron_ift.training.engine import OptimizerConfig, warmup_steps
+from megatron_ift.validation import ConfigError, check_choice, check_positive_int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Batch geometry, length of the run and failure policy."""
+
+    steps: int = 100
+    """Optimizer steps of the run."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills
+    the rest: num_microbatches = global / (micro x dp))."""
+    seed: int = 1234
+    """Seed of initialisation and of per-step RNG (re-seeded from (seed, step) every step)."""
+    eval_interval: int = 0
+    """Evaluate on the held-out split every N steps (0: never)."""
+    eval_max_batches: int = 0
+    """Cap on evaluation micro-batches per rank (0: the whole split)."""
+    nonfinite_policy: str = "skip"
+    """A NaN/inf loss or gradient norm: ``skip`` the update (logged) or ``stop`` the run."""
+    max_skipped_steps: int = 10
+    """``skip`` policy: stop after this many consecutive skipped steps."""
+    exit_after_steps: int = 0
+    """Stop (saving a checkpoint) after this many steps of *this* invocation, e.g. to fit a
+    job's time limit; the next invocation resumes (0: run to ``steps``)."""
+    recompute: str = "none"
+    """Activation recomputation: ``none``, ``selective`` (attention core) or ``full``."""
+    recompute_num_layers: int = 1
+    """``full`` recomputation: layers per recomputed block (uniform method)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "global_batch_size", "max_skipped_steps",
+                     "recompute_num_layers"):
+            check_positive_int(f"train.{name}", getattr(self, name))
+        check_positive_int("train.eval_interval", self.eval_interval, allow_zero=True)
+        check_positive_int("train.eval_max_batches", self.eval_max_batches, allow_zero=True)
+        check_positive_int("train.exit_after_steps", self.exit_after_steps, allow_zero=True)
+        check_choice("train.nonfinite_policy", self.nonfinite_policy, ("skip", "stop"))
+        check_choice("train.recompute", self.recompute, ("none", "selective", "full"))
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+    def num_microbatches(self, dp: int) -> int:
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size x data-parallel size = {self.micro_batch_size} x {dp}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Where checkpoints go, how often, and what to start from."""
+
+    dir: str = "runs/default"
+    """Run directory: checkpoints, ``latest`` marker, config; resumed from automatically."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end and on preemption)."""
+    keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted after a newer save completes)."""
+    pretrained: Optional[str] = None
+    """Model-only start (e.g. ``megatron-ift convert import-hf`` output), used when the run
+    directory has no checkpoint yet."""
+    overwrite: bool = False
+    """Allow starting a *new* run in a directory holding another run's checkpoints (they are
+    deleted). Without it such a directory is refused."""
+    save_on_exit: bool = True
+    """Save when the run ends or is preempted (SIGTERM / SIGUSR1)."""
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ConfigError("checkpoint.dir must be set")
+        check_positive_int("checkpoint.save_interval", self.save_interval, allow_zero=True)
+        check_positive_int("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """What is reported and where."""
+
+    log_interval: int = 1
+    """Print a line on rank 0 every N steps."""
+    tensorboard: bool = True
+    """Write tensorboard scalars under ``<checkpoint.dir>/tensorboard``."""
+    progress_bar: bool = True
+    """A tqdm bar with ETA on rank 0 (off when stdout is not a terminal)."""
+    peak_tflops: float = 989.0
+    """Per-GPU dense bf16 peak used for MFU (H100 SXM: 989)."""
+
+    def __post_init__(self) -> None:
+        check_positive_int("logging.log_interval", self.log_interval)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A training run (``megatron-ift train --config FILE.yaml``)."""
+
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ift: IFTConfig = field(default_factory=IFTConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_length > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_length={self.data.seq_length} exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}"
+            )
+        warmup_steps(self.optimizer, self.train.steps)
+        self.parallel.check_model(
+            self.model.num_layers, self.model.num_attention_heads, self.model.query_groups
+        )
+
+    def check_world(self, world_size: int) -> int:
+        """Validate against the number of processes; returns the data-parallel size."""
+        dp = self.parallel.data_parallel_size(world_size)
+        m = self.train.num_microbatches(dp)
+        pp, vpp = self.parallel.pipeline_model_parallel_size, self.parallel.vpp
+        if vpp > 1 and m % pp:
+            raise ConfigError(
+                f"the interleaved pipeline needs num_microbatches ({m} = global_batch_size / "
+                f"(micro_batch_size x dp)) to be a multiple of pipeline_model_parallel_size={pp}"
+            )
+        return dp
+
+    def check_paths(self) -> None:
+        """Input files exist (before anything expensive)."""
+        for p in self.data.paths:
+            if self.data.format == "pretrain":
+                for ext in (".bin", ".idx"):
+                    if not os.path.exists(p + ext):
+                        raise ConfigError(f"data.paths: {p + ext} does not exist")
+            elif not os.path.exists(p):
+                raise ConfigError(f"data.paths: {p} does not exist")
+        if self.data.tokenizer_path and not os.path.isdir(self.data.tokenizer_path):
+            raise ConfigError(f"data.tokenizer_path: {self.data.tokenizer_path} is not a folder")
+        if self.checkpoint.pretrained and not os.path.exists(self.checkpoint.pretrained):
+            raise ConfigError(f"checkpoint.pretrained: {self.checkpoint.pretrained} does not exist")
+
+
+def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read ``path`` (YAML), apply ``section.key=value`` overrides, validate everything."""
+    data = apply_overrides(load_yaml(path), overrides)
+    return from_dict(RunConfig, data)

@@ -1,0 +1,378 @@
+"""The training loop: resume, the IFT step, guarded optimizer updates, evaluation, checkpoints,
+preemption, logging. ``megatron_ift.train`` is its thin command-line front."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ift.checkpoint import layout
+from megatron_ift.config_io import dump_yaml, to_dict
+from megatron_ift.training.config import RunConfig
+from megatron_ift.validation import ConfigError
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class _Preemption:
+    """Records SIGTERM / SIGUSR1; the loop saves and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        for s in PREEMPT_SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled (ranks may get signals at different times)."""
+        flag = torch.tensor(1 if self.signum is not None else 0)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _print(*args) -> None:
+    if _rank() == 0:
+        print(*args, flush=True)
+
+
+def _seed_step(seed: int, step: int) -> None:
+    """All randomness of a step derives from (seed, step): resume reproduces it exactly."""
+    from megatron.core import tensor_parallel
+
+    s = (seed * 1_000_003 + step) % (2**31 - 1)
+    torch.manual_seed(s)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(s)
+    else:
+        from megatron_ift import cpu_compat
+
+        cpu_compat.model_parallel_seed(s)
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _transformer_overrides(cfg: RunConfig) -> dict[str, Any]:
+    t = cfg.train
+    if t.recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if t.recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": t.recompute_num_layers}
+    return {}
+
+
+def _metadata(cfg: RunConfig) -> dict[str, Any]:
+    return {"model": to_dict(cfg.model), "parallel": to_dict(cfg.parallel), "config": to_dict(cfg)}
+
+
+def check_run_directory(cfg: RunConfig) -> Optional[str]:
+    """The checkpoint to resume from, or None for a fresh start; refuses to clobber another run.
+
+    A directory whose checkpoints hold a different model architecture is another run: it is
+    refused unless ``checkpoint.overwrite`` (which deletes its checkpoints) is set.
+    """
+    root = cfg.checkpoint.dir
+    if not os.path.isdir(root):
+        return None
+    existing = layout.list_checkpoints(root)
+    ckpt = layout.resolve(root) if existing or os.path.exists(os.path.join(root, layout.LATEST)) else None
+    if ckpt is None and not existing:
+        return None
+    ckpt = ckpt or existing[-1][1]
+    saved = layout.read_metadata(ckpt).get("model")
+    if saved != to_dict(cfg.model):
+        if cfg.checkpoint.overwrite:
+            return "overwrite"
+        raise ConfigError(
+            f"checkpoint.dir={root} holds checkpoints of another run (different model "
+            f"architecture). Use a new checkpoint.dir, or set checkpoint.overwrite=true to delete "
+            "them and start over"
+        )
+    return ckpt
+
+
+class Trainer:
+    """Builds everything for ``cfg`` and runs it (:meth:`run`). One instance per process."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dp = cfg.check_world(world)  # before any process group or model exists
+        self.num_microbatches = cfg.train.num_microbatches(self.dp)
+        cfg.check_paths()
+        self.resume_from = check_run_directory(cfg)
+        if not torch.cuda.is_available():
+            from megatron_ift import cpu_compat
+
+            cpu_compat.enable()
+
+    def setup(self) -> None:
+        from megatron.core import parallel_state
+
+        from megatron_ift.data import build_data, check_vocab
+        from megatron_ift.parallel import init_distributed
+        from megatron_ift.training.engine import build_model, build_optimizer, build_scheduler
+        from megatron_ift.training.step import IFTStep
+
+        cfg = self.cfg
+        init_distributed(cfg.parallel)
+        _seed_step(cfg.train.seed, 0)
+        if self.resume_from == "overwrite":
+            if _rank() == 0:
+                import shutil
+
+                for _, path in layout.list_checkpoints(cfg.checkpoint.dir):
+                    shutil.rmtree(path)
+                for name in (layout.LATEST, layout.COMPLETED):
+                    p = os.path.join(cfg.checkpoint.dir, name)
+                    if os.path.exists(p):
+                        os.remove(p)
+            dist.barrier()
+            self.resume_from = None
+        t = cfg.train
+        self.data = build_data(
+            cfg.data,
+            train_samples=t.steps * t.global_batch_size,
+            eval_samples=max(t.global_batch_size, 1) * 4,
+        )
+        check_vocab(self.data.tokenizer, cfg.model.vocab_size, cfg.data.tokenizer_path)
+        self.chunks, self.tconfig = build_model(
+            cfg.model, cfg.parallel,
+            freeze_input_embedding=cfg.ift.mixing_embeddings == "detached",
+            transformer_overrides=_transformer_overrides(cfg),
+        )
+        self.optimizer = build_optimizer(self.chunks, cfg.optimizer, cfg.model, cfg.parallel, self.tconfig)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, t.steps)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.train_iter = self.data.train_iterator(
+            dp_rank=self.dp_rank, dp_size=self.dp, micro_batch_size=t.micro_batch_size,
+            num_microbatches=self.num_microbatches,
+        )
+        self.step_fn = IFTStep(
+            self.chunks, cfg.ift, cfg.model.vocab_size,
+            seq_length=cfg.data.seq_length, micro_batch_size=t.micro_batch_size,
+        )
+        self.start_step = 0
+        if self.resume_from:
+            from megatron_ift.training.checkpointing import load_checkpoint
+
+            state = load_checkpoint(
+                self.resume_from, self.chunks, self.optimizer, self.scheduler,
+                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            )
+            self.start_step = state["step"]
+            self.train_iter.load_state_dict(state["data"])
+            _print(f"resumed from {self.resume_from} at step {self.start_step}")
+        elif cfg.checkpoint.pretrained:
+            from megatron_ift.training.checkpointing import load_pretrained
+
+            path = layout.resolve(cfg.checkpoint.pretrained) or cfg.checkpoint.pretrained
+            load_pretrained(path, self.chunks)
+            _print(f"initialised from pretrained weights {path}")
+        self.writer = None
+        if _rank() == 0 and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(cfg.checkpoint.dir, "tensorboard"), purge_step=self.start_step)
+        if _rank() == 0:
+            os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+            with open(os.path.join(cfg.checkpoint.dir, "config.yaml"), "w") as f:
+                f.write(dump_yaml(cfg))
+            print(f"data: {self.data.report.summary() if hasattr(self.data.report, 'summary') else self.data.report}", flush=True)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train to ``train.steps``; returns the process exit code (0 also when preempted)."""
+        cfg = self.cfg
+        _print("resolved config:\n" + dump_yaml(cfg))
+        self.setup()
+        preempt = _Preemption()
+        t = cfg.train
+        skipped = 0
+        bar = self._progress_bar()
+        step = self.start_step
+        while step < t.steps:
+            if preempt.agreed():
+                self.save(step)
+                _print(f"preempted: saved checkpoint at step {step} (signal {preempt.signum})")
+                return 0
+            _seed_step(t.seed, step)
+            start = time.perf_counter()
+            out, grad_norm, updated = self._train_step(step)
+            elapsed = time.perf_counter() - start
+            if not updated:
+                skipped += 1
+                _print(f"step {step}: non-finite loss ({out.loss}) or grad norm ({grad_norm}); "
+                       f"update skipped ({skipped} in a row)")
+                if t.nonfinite_policy == "stop" or skipped >= t.max_skipped_steps:
+                    self.close()
+                    raise FloatingPointError(
+                        f"non-finite loss/gradient at step {step} (train.nonfinite_policy="
+                        f"{t.nonfinite_policy}, max_skipped_steps={t.max_skipped_steps})"
+                    )
+            else:
+                skipped = 0
+            step += 1
+            self._log(step, out, grad_norm, elapsed, bar)
+            if t.eval_interval and step % t.eval_interval == 0 and self.data.eval is not None:
+                self.evaluate(step)
+            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < t.steps:
+                self.save(step)
+            if t.exit_after_steps and step - self.start_step >= t.exit_after_steps and step < t.steps:
+                if not (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
+                    self.save(step)
+                self.close()
+                _print(f"exit_after_steps: stopped at step {step}; run again to resume")
+                return 0
+        if cfg.checkpoint.save_on_exit and self.start_step < t.steps:
+            self.save(t.steps)
+        if _rank() == 0:
+            layout.atomic_write_text(os.path.join(cfg.checkpoint.dir, layout.COMPLETED), f"{t.steps}\n")
+        self.close()
+        _print(f"done: {t.steps} steps")
+        return 0
+
+    def _train_step(self, step: int):
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        mbs = [next(self.train_iter) for _ in range(self.num_microbatches)]
+        out = self.step_fn(mbs, step)
+        found_inf = self.optimizer.prepare_grads()  # fp16: unscale and detect overflow
+        grad_norm = float("nan") if found_inf else (
+            self.optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad)
+            if self.cfg.optimizer.clip_grad > 0 else self.optimizer.get_grad_norm()
+        )
+        finite = math.isfinite(out.loss) and grad_norm is not None and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step_with_ready_grads()
+        elif found_inf:
+            finite = True  # fp16 overflow: the loss scaler already backed off; a normal event
+        self.scheduler.step(increment=1)
+        return out, grad_norm, finite
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """SFT and IFT loss on the held-out split (every rank runs the same number of steps)."""
+        it = self.data.eval_iterator(dp_rank=self.dp_rank, dp_size=self.dp,
+                                     micro_batch_size=self.cfg.train.micro_batch_size)
+        group = max(self.cfg.parallel.pipeline_model_parallel_size, 1)
+        sums = dict(loss=0.0, count=0.0, sft=0.0, sft_count=0.0)
+        batch: list = []
+        limit = self.cfg.train.eval_max_batches or float("inf")
+        seen = 0
+        for mb in it:
+            batch.append(mb)
+            seen += 1
+            if len(batch) == group or seen >= limit:
+                self._eval_group(batch, step, sums, group)
+                batch = []
+            if seen >= limit:
+                break
+        if batch:
+            self._eval_group(batch, step, sums, group)
+        result = {
+            "eval/loss": sums["loss"] / max(sums["count"], 1.0),
+            "eval/loss_sft": sums["sft"] / max(sums["sft_count"], 1.0),
+        }
+        _print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        if self.writer:
+            for k, v in result.items():
+                self.writer.add_scalar(k, v, step)
+        return result
+
+    def _eval_group(self, batch, step, sums, group) -> None:
+        while len(batch) < group:  # pad with a row-free micro-batch (loss_mask 0)
+            pad = {k: v.clone() for k, v in batch[0].items()}
+            pad["loss_mask"] = torch.zeros_like(pad["loss_mask"])
+            batch.append(pad)
+        out = self.step_fn(batch, step, forward_only=True)
+        m = out.metrics
+        sums["loss"] += m["loss_sum"]
+        sums["count"] += m["count"]
+        sums["sft"] += m["sft_sum"]
+        sums["sft_count"] += m["sft_count"]
+
+    def save(self, step: int) -> None:
+        from megatron_ift.training.checkpointing import save_checkpoint
+
+        save_checkpoint(
+            self.cfg.checkpoint.dir, step, self.chunks, self.optimizer, self.scheduler,
+            data_state=self.train_iter.state_dict(), metadata=_metadata(self.cfg),
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+        _print(f"saved checkpoint at step {step} to {self.cfg.checkpoint.dir}")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def _progress_bar(self):
+        if _rank() != 0 or not self.cfg.logging.progress_bar or not sys.stdout.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.train.steps, initial=self.start_step, unit="step", dynamic_ncols=True)
+
+    def _log(self, step: int, out, grad_norm, elapsed: float, bar) -> None:
+        cfg = self.cfg
+        m = dict(out.metrics)
+        tokens = cfg.train.global_batch_size * cfg.data.seq_length
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        passes = 4.0 if m["lambda"] > 0 else 3.0  # estimation pass = one extra forward
+        n = cfg.model.num_parameters()
+        attn = 2 * cfg.model.num_layers * cfg.model.hidden_size * cfg.data.seq_length
+        flops = tokens * passes * (2 * n + attn)
+        m.update({
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "step_time": elapsed,
+            "tokens_per_second": tokens / elapsed,
+            "tflops_per_gpu": flops / elapsed / world / 1e12,
+            "peak_memory_gb": _peak_memory_gb(),
+        })
+        if torch.cuda.is_available():
+            m["mfu"] = m["tflops_per_gpu"] / cfg.logging.peak_tflops
+        scale = getattr(self.optimizer, "get_loss_scale", None)
+        if scale is not None:
+            m["loss_scale"] = float(scale())
+        if self.writer:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(f"train/{k}", v, step)
+        if _rank() == 0:
+            with open(os.path.join(cfg.checkpoint.dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **{k: v for k, v in m.items() if isinstance(v, (int, float))}}) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{out.loss:.4f}", lam=f"{m['lambda']:.3f}")
+        if step % cfg.logging.log_interval == 0 or step == cfg.train.steps:
+            _print(
+                f"step {step}/{cfg.train.steps} loss {out.loss:.4f} loss_sft {m['loss_sft']:.4f} "
+                f"lambda {m['lambda']:.3f} est_acc {m['estimate_accuracy']:.3f} lr {m['lr']:.2e} "
+                f"grad_norm {m['grad_norm']:.3f} {m['tokens_per_second']:.0f} tok/s "
+                f"{elapsed * 1000:.0f} ms"
+            )
