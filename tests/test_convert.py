@@ -153,7 +153,7 @@ def test_import_has_the_model_sharded_keys_and_shapes(converted):
     assert sum(v is None for v in ckpt_keys.values()) == 4 * 4  # 4 extra states x 4 layers
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"tp{l[0]}pp{l[1]}")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"tp{x[0]}pp{x[1]}")
 @pytest.mark.parametrize("name", list(MODELS))
 def test_imported_logits_match_transformers(converted, name, layout):
     tp, pp = layout
@@ -198,7 +198,8 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(converted, name):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and sorted(index["weight_map"]) == sorted(original)
     assert shards == sorted(os.path.basename(p) for p in glob.glob(f"{exported_dir}/*.safetensors"))
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
+    total = sum(t.numel() * t.element_size() for t in original.values())
+    assert index["metadata"]["total_size"] == total
 
     model = transformers.AutoModelForCausalLM.from_pretrained(exported_dir, dtype=torch.float32)
     assert type(model).__name__ == MODELS[name][0].replace("Config", "ForCausalLM")
@@ -276,3 +277,56 @@ def test_dtype_casts_on_import_and_export(converted, tmp_path):
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     assert config.get("dtype", config.get("torch_dtype")) == "float32"
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_export_without_recorded_hf_config(converted, tmp_path, name):
+    """A checkpoint whose metadata has only the ModelConfig exports a config.json built from
+    scratch (architecture inferred) that transformers loads exactly."""
+    import shutil
+
+    ckpt = tmp_path / "run"
+    shutil.copytree(converted["imp"][name], ckpt)
+    meta_path = ckpt / "iter_0000000" / "megatron_ift.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["hf"]
+    meta_path.write_text(json.dumps(meta))
+    out = str(tmp_path / "hf")
+    _run_cli(["export-hf", str(ckpt), out])  # tokenizer/ beside iter_0000000 is found
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert "rope_parameters" not in config and config["torch_dtype"] == "float32"
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(model).__name__ == MODELS[name][0].replace("Config", "ForCausalLM")
+    with torch.no_grad():
+        logits = model.eval()(converted["tokens"]).logits
+    torch.testing.assert_close(logits, converted["ref"][name], rtol=0, atol=1e-6)
+
+
+def test_export_of_a_training_run_uses_its_pretrained_import(converted, tmp_path):
+    """A training run's checkpoint (metadata: model, parallel, run config with
+    checkpoint.pretrained, no HF record, no tokenizer beside it) exports with the original HF
+    config and tokenizer of the import it started from."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(converted["root"], "resave_qwen2_tp2pp2", "iter_0000000"),
+                    run / "iter_0000007")
+    (run / "latest").write_text("iter_0000007\n")
+    meta_path = run / "iter_0000007" / "megatron_ift.json"
+    meta = json.loads(meta_path.read_text())
+    meta = {"step": 7, "model": meta["model"], "parallel": {"tensor_model_parallel_size": 2},
+            "config": {"checkpoint": {"pretrained": converted["imp"]["qwen2"]},
+                       "data": {"tokenizer_path": None}}}
+    meta_path.write_text(json.dumps(meta))
+    out = str(tmp_path / "hf")
+    _run_cli(["export-hf", str(run), out])
+    with open(os.path.join(out, "config.json")) as f:
+        exported = json.load(f)
+    with open(os.path.join(converted["hf"]["qwen2"], "config.json")) as f:
+        original = json.load(f)
+    exported.pop("transformers_version", None)
+    original.pop("transformers_version", None)
+    assert exported == {**original, "head_dim": 16}
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    assert sorted(_load_folder(out)) == sorted(_load_folder(converted["hf"]["qwen2"]))

@@ -78,7 +78,8 @@ def test_qkv_fusion_is_megatrons_per_group_layout():
 
 
 def test_qkv_bias_gate_up_and_vocab_round_trip():
-    cfg, arch = model_config_from_hf(_config(model_type="qwen2", architectures=["Qwen2ForCausalLM"]))
+    qwen2 = _config(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    cfg, arch = model_config_from_hf(qwen2)
     assert cfg.add_qkv_bias and arch is QWEN2
     by_key = {t.megatron.removeprefix("decoder.layers."): t for t in arch.active(cfg)}
     for key in ("self_attention.linear_qkv.bias", "mlp.linear_fc1.weight",
@@ -278,7 +279,8 @@ def test_tool_wrapper_runs_the_cli():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [sys.executable, os.path.join(root, "tools", "convert_checkpoint.py"), "import-hf", "--help"],
+        [sys.executable, os.path.join(root, "tools", "convert_checkpoint.py"), "import-hf",
+         "--help"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

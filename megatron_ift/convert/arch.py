@@ -4,12 +4,10 @@ Each :class:`TensorMap` ties one megatron-core tensor, named by its *sharded key
 key space of ``GPTModel.sharded_state_dict()``, to the Hugging Face tensors it is made of, with
 the HF shapes written as dimension symbols and one of four layout transforms:
 
-=========  ==========================================================================
-``copy``   same tensor on both sides
-``vocab``  Megatron pads the vocabulary rows with zeros up to the padded size; HF does not
-``qkv``    megatron's fused ``linear_qkv``: per query group ``[q heads of the group; k; v]``
-``gate_up``megatron's ``linear_fc1`` for SwiGLU: ``[gate; up]``
-=========  ==========================================================================
+* ``copy``: the same tensor on both sides;
+* ``vocab``: Megatron pads the vocabulary rows with zeros up to the padded size, HF does not;
+* ``qkv``: megatron's fused ``linear_qkv``, per query group ``[q heads of the group; k; v]``;
+* ``gate_up``: megatron's ``linear_fc1`` for SwiGLU, ``[gate; up]``.
 
 Per-layer tensors (HF names containing ``{i}``) are stored by megatron-core as one global tensor
 with a leading layer axis, ``[num_layers, ...]``, one chunk per layer. The sharded keys are the
@@ -31,6 +29,8 @@ from megatron_ift.convert import ConversionError
 from megatron_ift.models.config import ModelConfig
 
 LAYER = "{i}"
+TRANSFORMS = ("copy", "vocab", "qkv", "gate_up")
+CONDITIONS = ("always", "qkv_bias", "untied")
 
 # Dimension symbols of the HF shapes below.
 #   H: hidden size, V: true vocabulary, F: MLP width,
@@ -63,6 +63,13 @@ class TensorMap:
     """``always``, ``qkv_bias`` (only with ``add_qkv_bias``) or ``untied`` (only without tied
     embeddings)."""
 
+    def __post_init__(self) -> None:
+        if self.transform not in TRANSFORMS or self.when not in CONDITIONS:
+            raise ValueError(f"{self.megatron}: transform {self.transform!r} / condition "
+                             f"{self.when!r} not in {TRANSFORMS} / {CONDITIONS}")
+        if (self.transform in ("qkv", "gate_up")) != (len(self.hf) > 1):
+            raise ValueError(f"{self.megatron}: {self.transform} with {len(self.hf)} HF tensors")
+
     @property
     def per_layer(self) -> bool:
         return LAYER in self.hf[0][0]
@@ -72,12 +79,12 @@ class TensorMap:
             return True
         if self.when == "qkv_bias":
             return cfg.add_qkv_bias
-        if self.when == "untied":
-            return not cfg.tie_embeddings
-        raise ValueError(f"unknown condition {self.when!r}")
+        return not cfg.tie_embeddings  # untied
 
     def hf_names(self, layer: Optional[int]) -> list[str]:
-        return [name.replace(LAYER, str(layer)) if layer is not None else name for name, _ in self.hf]
+        if layer is None:
+            return [name for name, _ in self.hf]
+        return [name.replace(LAYER, str(layer)) for name, _ in self.hf]
 
     def hf_shapes(self, cfg: ModelConfig) -> list[tuple[int, ...]]:
         d = dims(cfg)
@@ -172,8 +179,9 @@ class Architecture:
         """(map, layer) of every megatron tensor slice, in HF's order: embeddings, layer by
         layer, then the final norm and the output layer."""
         active = self.active(cfg)
-        before = [(t, None) for t in active if not t.per_layer and t.megatron.startswith("embedding.")]
-        after = [(t, None) for t in active if not t.per_layer and not t.megatron.startswith("embedding.")]
+        whole = [(t, None) for t in active if not t.per_layer]
+        before = [item for item in whole if item[0].megatron.startswith("embedding.")]
+        after = [item for item in whole if not item[0].megatron.startswith("embedding.")]
         layers = [(t, i) for i in range(cfg.num_layers) for t in active if t.per_layer]
         return before + layers + after
 

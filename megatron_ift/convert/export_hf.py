@@ -85,11 +85,44 @@ def check_checkpoint(reader: DistCheckpointReader, arch: Architecture, cfg: Mode
         )
 
 
-def _find_tokenizer(ckpt_dir: str, meta: dict[str, Any]) -> Optional[str]:
-    candidates = [os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), TOKENIZER_DIR)]
-    if meta.get("tokenizer_dir"):
-        candidates.insert(0, meta["tokenizer_dir"])
-    return next((c for c in candidates if os.path.isdir(c)), None)
+def _training_origin(meta: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """What a training run's metadata says about where the model came from: the HF record of
+    its ``checkpoint.pretrained`` start (an import) and tokenizer folders to try."""
+    run_config = meta.get("config") or {}
+    tokenizers = []
+    tokenizer_path = (run_config.get("data") or {}).get("tokenizer_path")
+    if tokenizer_path:
+        tokenizers.append(tokenizer_path)
+    pretrained = (run_config.get("checkpoint") or {}).get("pretrained")
+    if not pretrained or not os.path.isdir(pretrained):
+        return {}, tokenizers
+    try:
+        start = resolve(pretrained)
+        origin = read_metadata(start) if start else {}
+    except CheckpointError:
+        return {}, tokenizers
+    if start:
+        tokenizers.append(os.path.join(os.path.dirname(os.path.abspath(start)), TOKENIZER_DIR))
+    return origin.get("hf") or {}, tokenizers
+
+
+def _load_hf_config(path: str) -> dict[str, Any]:
+    """A ``config.json`` file, or the HF config recorded in an imported checkpoint folder."""
+    if os.path.isdir(path):
+        try:
+            ckpt = resolve(path)
+            config = (read_metadata(ckpt).get("hf") or {}).get("config") if ckpt else None
+        except CheckpointError as exc:
+            raise ConversionError(str(exc)) from exc
+        if config is None:
+            raise ConversionError(f"--hf-config {path}: no HF config recorded in that checkpoint; "
+                                  "pass a config.json file")
+        return config
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"--hf-config {path}: {exc}") from exc
 
 
 def export_hf(
@@ -109,14 +142,18 @@ def export_hf(
     Args:
         checkpoint: an ``iter_*`` folder, or a run folder whose ``latest`` names one.
         output: new (or empty) folder.
-        arch: ``llama`` / ``mistral`` / ``qwen2`` (default: recorded at import, else ``qwen2``
-            for models with q/k/v biases and ``llama`` otherwise).
+        arch: ``llama`` / ``mistral`` / ``qwen2`` (default: recorded at import, or at the
+            import a training run started from; else ``qwen2`` for models with q/k/v biases and
+            ``llama`` otherwise).
         dtype: cast to ``float32`` / ``bfloat16`` / ``float16`` (default: the stored dtype).
         max_shard_size: largest shard (``5GB``, ``500MB``, bytes).
-        tokenizer: folder of tokenizer files (default: the run folder's ``tokenizer/``).
+        tokenizer: folder of tokenizer files (default: the first of ``tokenizer/`` beside the
+            checkpoint, the training run's ``data.tokenizer_path``, the ``tokenizer/`` of the
+            run's ``checkpoint.pretrained`` import).
         copy_tokenizer: False to write the weights and config only.
-        hf_config: a ``config.json`` whose non-architecture fields (token ids, ...) to keep
-            (default: the one recorded at import).
+        hf_config: a ``config.json``, or an imported checkpoint folder, whose
+            non-architecture fields (token ids, ...) to keep (default: the one recorded at
+            import, or at the import a training run started from).
         progress: show a progress bar (bytes written).
 
     Returns:
@@ -138,20 +175,20 @@ def export_hf(
     except CheckpointError as exc:
         raise ConversionError(str(exc)) from exc
     cfg = load_model_config(meta)
-    hf_meta = meta.get("hf") or {}
+    origin_hf, origin_tokenizers = _training_origin(meta)
+    hf_meta = meta.get("hf") or origin_hf
     architecture = get_architecture(
         arch or hf_meta.get("arch") or ("qwen2" if cfg.add_qkv_bias else "llama")
     )
-    base = hf_meta.get("config")
-    if hf_config is not None:
-        with open(hf_config, encoding="utf-8") as f:
-            base = json.load(f)
+    base = _load_hf_config(hf_config) if hf_config is not None else hf_meta.get("config")
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {tuple(TORCH_DTYPES)}")
-    tokenizer_dir = tokenizer or _find_tokenizer(ckpt_dir, meta)
+    candidates = [os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), TOKENIZER_DIR)]
+    candidates += origin_tokenizers
+    tokenizer_dir = tokenizer or next((c for c in candidates if os.path.isdir(c)), None)
     if copy_tokenizer and (tokenizer_dir is None or not os.path.isdir(tokenizer_dir)):
         raise ConversionError(
-            f"no tokenizer folder for {ckpt_dir} (looked for {TOKENIZER_DIR}/ beside it); pass "
+            f"no tokenizer folder for {ckpt_dir} (tried {tokenizer or candidates}); pass "
             "--tokenizer DIR (e.g. the imported checkpoint's tokenizer/ or the original HF "
             "folder) or --no-tokenizer"
         )
@@ -168,7 +205,8 @@ def export_hf(
         planned: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
         for tmap, layer in items:
             out_dtype = cast or stored[tmap.megatron][1]
-            planned += [(n, out_dtype, s) for n, s in zip(tmap.hf_names(layer), tmap.hf_shapes(cfg))]
+            shapes = tmap.hf_shapes(cfg)
+            planned += [(n, out_dtype, s) for n, s in zip(tmap.hf_names(layer), shapes)]
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
         size = 0
         for entry in planned:

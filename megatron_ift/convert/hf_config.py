@@ -83,7 +83,9 @@ def model_config_from_hf(
     """
     model_type = hf.get("model_type")
     if not model_type:
-        raise ConversionError("config.json has no 'model_type'; is this a Hugging Face model folder?")
+        raise ConversionError(
+            "config.json has no 'model_type'; is this a Hugging Face model folder?"
+        )
     arch = get_architecture(model_type)
     classes = hf.get("architectures") or [arch.hf_class]
     if arch.hf_class not in classes:

@@ -4,7 +4,7 @@ Output::
 
     <out>/
       latest                      # "iter_0000000"
-      iter_0000000/               # torch_dist checkpoint in the TP1/PP1 key space: loads at any TP/PP
+      iter_0000000/               # torch_dist, TP1/PP1 key space: loads at any TP/PP
         megatron_ift.json         # {"step": 0, "model": ModelConfig, "hf": {arch, config, source}}
       tokenizer/                  # the HF tokenizer files (and generation_config.json)
 

@@ -64,7 +64,9 @@ def read_header(path: str) -> dict[str, TensorEntry]:
                 raise ConversionError(f"{path} is truncated (no safetensors header)")
             (length,) = struct.unpack("<Q", raw)
             if length > _MAX_HEADER:
-                raise ConversionError(f"{path} is not a safetensors file (header of {length} bytes)")
+                raise ConversionError(
+                    f"{path} is not a safetensors file (header of {length} bytes)"
+                )
             header = json.loads(f.read(length))
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError as exc:

@@ -65,8 +65,13 @@ def single_process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def meta_sharded_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype,
-                        layer: Optional[int] = None, num_layers: Optional[int] = None) -> ShardedTensor:
+def meta_sharded_tensor(
+    key: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    layer: Optional[int] = None,
+    num_layers: Optional[int] = None,
+) -> ShardedTensor:
     """A data-less ShardedTensor: a whole tensor, or layer ``layer`` of a ``[num_layers, ...]`` one.
 
     The layer slice is a ``[1, ...]`` chunk at offset ``layer`` of axis 0, which is how
@@ -96,12 +101,12 @@ class _StreamingSavePlanner(MCoreSavePlanner):
             return super().resolve_data(write_item)
         offset = tuple(write_item.index.offset)
         tensor = self._produce(write_item.index.fqn, offset)
-        chunk = write_item.tensor_data.chunk
-        if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != write_item.tensor_data.properties.dtype:
+        sizes = tuple(write_item.tensor_data.chunk.sizes)
+        dtype = write_item.tensor_data.properties.dtype
+        if tuple(tensor.shape) != sizes or tensor.dtype != dtype:
             raise ConversionError(
                 f"internal error: produced {write_item.index.fqn}@{offset} as {tensor.dtype} "
-                f"{tuple(tensor.shape)}, planned {write_item.tensor_data.properties.dtype} "
-                f"{tuple(chunk.sizes)}"
+                f"{tuple(tensor.shape)}, planned {dtype} {sizes}"
             )
         return tensor
 
@@ -186,7 +191,8 @@ class DistCheckpointReader:
             sh_ten = ShardedTensor.from_rank_offsets(key, target, replica_id=0)
         else:
             target = torch.empty((1, *shape[1:]), dtype=dtype)
-            sh_ten = ShardedTensor.from_rank_offsets(key, target, (0, layer, shape[0]), replica_id=0)
+            sh_ten = ShardedTensor.from_rank_offsets(key, target, (0, layer, shape[0]),
+                                                     replica_id=0)
         pyt_state_dict = mcore_to_pyt_state_dict({key: [sh_ten]}, is_loading=True)
         dcp.load(pyt_state_dict, storage_reader=self._reader,
                  planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=[sh_ten]))

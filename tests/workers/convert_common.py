@@ -14,7 +14,13 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-from megatron_ift.checkpoint.layout import iter_name, mark_latest, read_metadata, resolve, write_metadata
+from megatron_ift.checkpoint.layout import (
+    iter_name,
+    mark_latest,
+    read_metadata,
+    resolve,
+    write_metadata,
+)
 from megatron_ift.checkpoint.model_io import load_model, save_model
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.models.gpt import build_gpt_chunks

@@ -39,7 +39,8 @@ if __name__ == "__main__":
     gc.collect()
     after_import = psutil.Process().memory_info().rss
     _reset_peak()
-    rc_export = cli.main(["export-hf", ckpt, hf_out, "--no-progress", "--max-shard-size", "10MB", "--no-tokenizer"])
+    rc_export = cli.main(["export-hf", ckpt, hf_out, "--no-progress", "--max-shard-size", "10MB",
+                          "--no-tokenizer"])
     peak_export = _peak_bytes()
     print(json.dumps({"baseline": baseline, "after_import": after_import,
                       "peak_import": peak_import, "peak_export": peak_export,
