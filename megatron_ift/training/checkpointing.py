@@ -30,7 +30,8 @@ from megatron_ift.checkpoint import layout
 from megatron_ift.checkpoint.layout import CheckpointError
 from megatron_ift.checkpoint.model_io import apply_model_state, model_sharded_state_dict
 
-FAULT_ENV = "MEGATRON_IFT_FAULT_INJECTION"  # tests only: simulate a crash in the middle of a save
+# Tests only: "kill_before_commit:<step>" SIGKILLs rank 0 in the middle of that step's save.
+FAULT_ENV = "MEGATRON_IFT_FAULT_INJECTION"
 _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -85,7 +86,7 @@ def save_checkpoint(
     state["data"] = data_state
     state["step"] = step
     dist_checkpointing.save(state, ckpt_dir)
-    if os.environ.get(FAULT_ENV) == "kill_before_commit" and _rank() == 0:
+    if os.environ.get(FAULT_ENV) == f"kill_before_commit:{step}" and _rank() == 0:
         # Fault injection for tests: die after the shards are written, before the commit.
         os.kill(os.getpid(), 9)
     _barrier()  # every rank's shards are on disk
@@ -129,8 +130,11 @@ def load_checkpoint(
         ) from exc
     apply_model_state(chunks, loaded)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-        _fix_adam_steps(optimizer, int(loaded["step"]))
+        # The fully_reshardable loader copies every state entry it finds into per-parameter
+        # tensors but carries no Adam ``step``: take the steps out, restore them afterwards.
+        adam_step = _pop_adam_steps(loaded["optimizer"])
+        _load_optimizer_state(optimizer, loaded["optimizer"])
+        _fix_adam_steps(optimizer, int(loaded["step"]) if adam_step is None else adam_step)
     if scheduler is not None and loaded.get("scheduler"):
         scheduler.load_state_dict(loaded["scheduler"])
     return {"step": int(loaded["step"]), "data": loaded["data"], "metadata": meta}
@@ -142,7 +146,11 @@ def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
 
 
 def _init_optimizer_state(optimizer) -> None:
-    """Give every parameter an (all-zero) Adam state so that load_state_dict has targets."""
+    """Give every parameter an (all-zero) Adam state so that load_state_dict has targets.
+
+    megatron-core's ``DistributedOptimizer.state_dict`` (called while building the sharded
+    state dict for loading) requires a ``step`` in every entry; the real value is restored by
+    :func:`_fix_adam_steps` after loading."""
     for opt in _torch_optimizers(optimizer):
         for group in opt.param_groups:
             for p in group["params"]:
@@ -153,19 +161,67 @@ def _init_optimizer_state(optimizer) -> None:
                     st["step"] = torch.zeros((), dtype=torch.float32)
 
 
+def _load_optimizer_state(optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict`` with a work-around for the distributed optimizer.
+
+    Without apex/TE, megatron-core 0.16.1's ``DistributedOptimizer.load_state_dict`` gives every
+    parameter one shared ``step`` tensor and then fails (``KeyError: 'step'``) copying the
+    fully_reshardable parameter state, whose entries have no ``step``. So the parameter state is
+    loaded in a second call, after the shared ``step`` entries are removed.
+    """
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    if not (isinstance(state, dict) and "param_state" in state and len(chained) == 1):
+        optimizer.load_state_dict(state)
+        return
+    sharding = state.pop("param_state_sharding_type", None)
+    param_state = state.pop("param_state")
+    if sharding != "fully_reshardable":
+        raise CheckpointError(
+            f"distributed-optimizer state was saved as {sharding!r}; only 'fully_reshardable' "
+            "checkpoints (what megatron-ift writes) can be loaded"
+        )
+    optimizer.load_state_dict(state)
+    for opt in _torch_optimizers(optimizer):
+        for entry in opt.state.values():
+            entry.pop("step", None)
+    chained[0].load_parameter_state_from_fully_reshardable(param_state)
+
+
+def _pop_adam_steps(tree: Any) -> Optional[int]:
+    """Remove per-parameter ``step`` entries from every torch optimizer state in ``tree`` and
+    return the number of updates (from them or from the param groups' ``step``)."""
+    found: list[float] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for group in node.get("param_groups", []) if isinstance(node.get("param_groups"), list) else []:
+                if isinstance(group, dict) and "step" in group:
+                    found.append(float(group["step"]))
+            state = node.get("state")
+            if isinstance(state, dict):
+                for entry in state.values():
+                    if isinstance(entry, dict) and "step" in entry:
+                        v = entry.pop("step")
+                        found.append(float(v))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+
+    walk(tree)
+    return int(max(found)) if found else None
+
+
 def _fix_adam_steps(optimizer, step: int) -> None:
-    """Every parameter gets its own ``step`` tensor (filled from the run's step if absent)."""
+    """Every parameter gets its own ``step`` tensor holding the number of updates so far."""
     for opt in _torch_optimizers(optimizer):
         for group in opt.param_groups:
             for p in group["params"]:
                 st = opt.state.get(p)
-                if not st or "exp_avg" not in st:
-                    continue
-                s = st.get("step")
-                if s is None:
+                if st and "exp_avg" in st:
+                    # A tensor of its own per parameter: AdamW increments it in place.
                     st["step"] = torch.tensor(float(step), dtype=torch.float32)
-                else:
-                    st["step"] = (s.clone() if torch.is_tensor(s) else torch.tensor(float(s))).float()
 
 
 def load_pretrained(ckpt_dir: str, chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def warmup_steps(optim: OptimizerConfig, total_steps: int) -> int:
         if optim.lr_warmup_fraction > 0
         else optim.lr_warmup_steps
     )
-    if warmup >= total_steps and total_steps > 1:
+    if warmup > 0 and warmup >= total_steps:
         raise ConfigError(
             f"optimizer warm-up ({warmup} steps) must be shorter than train.steps={total_steps}"
         )

@@ -1,0 +1,121 @@
+"""Preemption (SIGTERM), a crash in the middle of a save, non-clobbering of other runs, and
+configuration errors raised before any model is built."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dist_utils import ROOT
+from train_utils import DEMO, losses, single_process
+
+
+def _output(proc: subprocess.Popen) -> str:
+    with open(proc.log_path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and any checkpoint writer it left
+    except ProcessLookupError:
+        pass
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = _output(proc)
+        if text in out:
+            return out
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    _kill_group(proc)
+    raise AssertionError(f"{text!r} not seen:\n{_output(proc)[-3000:]}")
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise AssertionError(f"run did not finish in {timeout}s:\n{_output(proc)[-3000:]}")
+    code = proc.returncode
+    _kill_group(proc)
+    return code, _output(proc)
+
+
+def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    proc = single_process(str(run), "train.steps=50")
+    _wait_for(proc, "step 2/50")
+    proc.send_signal(signal.SIGTERM)
+    code, out = _finish(proc)
+    assert code == 0, out
+    assert "preempted: saved checkpoint at step" in out
+    step = int(out.split("preempted: saved checkpoint at step")[1].split()[0])
+    assert step >= 2
+    assert open(run / "latest").read().strip() == f"iter_{step:07d}"
+    assert not (run / "COMPLETED").exists()
+    # and the run resumes from it
+    proc = single_process(str(run), "train.steps=50", "train.exit_after_steps=1")
+    code, out = _finish(proc)
+    assert code == 0 and f"at step {step}" in out, out
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    env = {"MEGATRON_IFT_FAULT_INJECTION": "kill_before_commit:4"}
+    proc = single_process(str(run), "train.steps=6", "checkpoint.save_interval=2", env=env)
+    code, out = _finish(proc)
+    assert code == -signal.SIGKILL, out
+    assert open(run / "latest").read().strip() == "iter_0000002"
+    assert (run / "iter_0000004").is_dir()  # the half-written one
+    assert not (run / "iter_0000004" / "megatron_ift.json").exists()
+    # Resuming uses step 2, redoes the interrupted save and finishes; losses equal a clean run.
+    code, out = _finish(single_process(str(run), "train.steps=6", "checkpoint.save_interval=2"))
+    assert code == 0 and "at step 2" in out, out
+    clean = tmp_path / "clean"
+    code, _ = _finish(single_process(str(clean), "train.steps=6", "checkpoint.save_interval=2"))
+    assert code == 0
+    assert losses(str(run))[-4:] == losses(str(clean))[-4:]
+    assert (run / "iter_0000004" / "megatron_ift.json").exists()
+
+
+def test_refuses_to_overwrite_another_run(tmp_path):
+    run = tmp_path / "run"
+    code, out = _finish(single_process(str(run), "train.steps=3"))
+    assert code == 0, out
+    code, out = _finish(single_process(str(run), "train.steps=3", "model.num_layers=2"))
+    assert code == 2 and "holds checkpoints of another run" in out, out
+    code, out = _finish(single_process(str(run), "train.steps=3", "model.num_layers=2",
+                                       "checkpoint.overwrite=true"))
+    assert code == 0, out
+
+
+def _cli(*args, env=None):
+    full_env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "megatron_ift.train", "--config", DEMO, *args],
+                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=120)
+
+
+@pytest.mark.parametrize("args,env,needle", [
+    (["model.num_layerz=2"], None, "unknown key 'model.num_layerz'"),
+    (["train.steps=ten"], None, "train.steps='ten' must be an integer"),
+    (["ift.estimator=beam"], None, "ift.estimator='beam' is not one of"),
+    (["ift.estimator=top_p"], None, "needs ift.top_p"),
+    (["data.paths=[nowhere.jsonl]"], None, "data.paths: nowhere.jsonl does not exist"),
+    ([], {"WORLD_SIZE": "3"}, "world size 3 is not divisible by tensor x pipeline parallel"),
+    (["parallel.tensor_model_parallel_size=3"], None, "must divide the attention heads"),
+    (["train.global_batch_size=10"], None, "train.global_batch_size=10 is not a multiple"),
+])
+def test_bad_config_fails_before_model_construction(args, env, needle, tmp_path):
+    r = _cli(f"checkpoint.dir={tmp_path}", *args, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert needle in r.stderr, r.stderr
+    assert "resolved config" not in r.stdout  # nothing was built

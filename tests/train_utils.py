@@ -1,0 +1,51 @@
+"""Launch real training runs (the demo preset, shortened) from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from dist_utils import ROOT, torchrun
+
+DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+FAST = [
+    "train.eval_interval=0",
+    "optimizer.lr_warmup_steps=2",
+    "logging.log_interval=1",
+]
+
+
+def train(nproc: int, run_dir: str, *overrides: str, timeout: float = 300, env=None) -> str:
+    """``megatron-ift train`` on the demo preset under torchrun; returns its output."""
+    return torchrun("train_cli.py", nproc, "--config", DEMO, f"checkpoint.dir={run_dir}",
+                    *FAST, *overrides, timeout=timeout, env=env)
+
+
+def single_process(run_dir: str, *overrides: str, env=None) -> subprocess.Popen:
+    """A world-of-one run (no torchrun) as a child process, for signal tests.
+
+    Output goes to ``<run_dir>.log`` (not a pipe: checkpoint writer processes orphaned by a
+    SIGKILL would keep a pipe open). The path is ``proc.log_path``.
+    """
+    full_env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    cmd = [sys.executable, "-m", "megatron_ift.train", "--config", DEMO,
+           f"checkpoint.dir={run_dir}", "parallel.tensor_model_parallel_size=1", *FAST, *overrides]
+    log_path = f"{run_dir}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    proc.log_path = log_path
+    return proc
+
+
+def losses(run_dir: str) -> list[float]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
