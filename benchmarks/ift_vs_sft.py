@@ -1,0 +1,187 @@
+"""IFT step time and peak memory relative to SFT, on the same model and batch, in one run.
+
+Timing: IFT and SFT steps alternate in one process (same weights, same micro-batches), so
+machine noise hits both equally; the ratio of medians is reported. Memory: each mode runs in a
+fresh child process and reports its peak (CUDA: max allocated; CPU: peak RSS), so neither
+mode's allocations hide the other's.
+
+    python benchmarks/ift_vs_sft.py --out benchmarks/results/ift_vs_sft_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _setup(args):
+    import torch
+
+    if not torch.cuda.is_available():
+        from megatron_ift import cpu_compat
+
+        cpu_compat.enable()
+    from megatron_ift.models.config import ModelConfig
+    from megatron_ift.parallel import ParallelConfig, init_distributed
+    from megatron_ift.training.engine import OptimizerConfig, build_model, build_optimizer
+
+    par = ParallelConfig(use_distributed_optimizer=False)
+    init_distributed(par)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(1)
+    else:
+        from megatron_ift import cpu_compat
+
+        cpu_compat.model_parallel_seed(1)
+    model = ModelConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+        num_query_groups=max(1, args.heads // 2), ffn_hidden_size=args.hidden * 3,
+        vocab_size=args.vocab, max_position_embeddings=args.seq,
+        params_dtype=args.dtype, transformer_impl="local",
+    )
+    chunks, tcfg = build_model(model, par)
+    opt = build_optimizer(chunks, OptimizerConfig(lr=1e-4), model, par, tcfg)
+    g = torch.Generator().manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    mbs = []
+    for _ in range(args.microbatches):
+        tokens = torch.randint(0, args.vocab, (args.mbs, args.seq + 1), generator=g)
+        mask = torch.ones(args.mbs, args.seq)
+        mask[:, : args.seq // 4] = 0  # a prompt quarter
+        mbs.append({
+            "tokens": tokens[:, :-1].to(dev), "labels": tokens[:, 1:].to(dev),
+            "loss_mask": mask.to(dev),
+            "position_ids": torch.arange(args.seq).repeat(args.mbs, 1).to(dev),
+            "sample_ids": torch.arange(args.mbs).to(dev),
+        })
+    return model, chunks, opt, mbs
+
+
+def _steppers(args, model, chunks):
+    from megatron_ift.ift import IFTConfig
+    from megatron_ift.training.step import IFTStep
+
+    kw = dict(seq_length=args.seq, micro_batch_size=args.mbs)
+    return {
+        "ift": IFTStep(chunks, IFTConfig(max_lambda=0.2, gamma=0.95), model.vocab_size, **kw),
+        "sft": IFTStep(chunks, IFTConfig(max_lambda=0.0, gamma=0.0), model.vocab_size, **kw),
+    }
+
+
+def _one(step, chunks, opt, mbs, i):
+    import torch
+
+    for c in chunks:
+        c.zero_grad_buffer()
+    opt.zero_grad()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    step(mbs, i)
+    opt.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_timing(args) -> dict:
+    model, chunks, opt, mbs = _setup(args)
+    steppers = _steppers(args, model, chunks)
+    times = {"ift": [], "sft": []}
+    for i in range(args.warmup + args.steps):
+        order = ("ift", "sft") if i % 2 == 0 else ("sft", "ift")
+        for mode in order:
+            dt = _one(steppers[mode], chunks, opt, mbs, i)
+            if i >= args.warmup:
+                times[mode].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"median_step_s": med, "all_step_s": times, "ratio": med["ift"] / med["sft"]}
+
+
+def run_memory(args) -> dict:
+    import torch
+
+    model, chunks, opt, mbs = _setup(args)
+    step = _steppers(args, model, chunks)[args.mode]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(3):
+        _one(step, chunks, opt, mbs, i)
+    if torch.cuda.is_available():
+        return {"peak_bytes": torch.cuda.max_memory_allocated(), "kind": "cuda max_memory_allocated"}
+    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kind": "peak RSS"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--mbs", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=2)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--out", default=None)
+    p.add_argument("--mode", choices=["timing", "memory-ift", "memory-sft", "all"], default="all")
+    args = p.parse_args(argv)
+
+    if args.mode.startswith("memory-"):
+        args.mode = args.mode.split("-")[1]
+        print(json.dumps(run_memory(args)))
+        return 0
+    if args.mode == "timing":
+        print(json.dumps(run_timing(args)))
+        return 0
+
+    base = [sys.executable, os.path.abspath(__file__)] + [
+        f"--{k}={getattr(args, k)}" for k in ("layers", "hidden", "heads", "vocab", "seq", "mbs",
+                                               "microbatches", "dtype", "warmup", "steps")
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+
+    def child(mode):
+        out = subprocess.run(base + [f"--mode={mode}"], capture_output=True, text=True, env=env, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    timing = child("timing")
+    mem = {m: child(f"memory-{m}") for m in ("sft", "ift")}
+    import torch
+
+    result = {
+        "benchmark": "ift_vs_sft",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "config": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "vocab", "seq", "mbs", "microbatches", "dtype", "warmup", "steps")},
+        "step_time_ratio_ift_over_sft": timing["ratio"],
+        "median_step_s": timing["median_step_s"],
+        "peak_memory_bytes": {m: mem[m]["peak_bytes"] for m in mem},
+        "peak_memory_kind": mem["sft"]["kind"],
+        "peak_memory_ratio_ift_over_sft": mem["ift"]["peak_bytes"] / mem["sft"]["peak_bytes"],
+        "targets": {"step_time_ratio_max": 1.36, "memory_ratio_max": 1.05},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Config validation: every bad value fails at construction, naming the key and the fix."""
+
+import pytest
+
+from megatron_ift.config_io import apply_overrides, from_dict, load_yaml
+from megatron_ift.ift import IFTConfig, lambda_at
+from megatron_ift.parallel import ParallelConfig
+from megatron_ift.training.config import RunConfig, load_run_config
+from megatron_ift.validation import ConfigError
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(estimator="beam"), "ift.estimator='beam'"),
+    (dict(estimator="top_p"), "needs ift.top_p"),
+    (dict(estimator="top_p", top_p=1.5), "ift.top_p=1.5"),
+    (dict(top_p=0.9), "only used by estimator='top_p'"),
+    (dict(gamma=1.5), "ift.gamma=1.5"),
+    (dict(max_lambda=-0.1), "ift.max_lambda=-0.1"),
+    (dict(schedule="linear"), "warmup_steps >= 1"),
+    (dict(k=0), "ift.k=0"),
+    (dict(temperature=0.0), "ift.temperature=0.0"),
+    (dict(propagation_norm="L3"), "ift.propagation_norm='L3'"),
+    (dict(detach_weights="yes"), "ift.detach_weights='yes'"),
+])
+def test_bad_ift_config(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        IFTConfig(**kwargs)
+
+
+def test_lambda_schedule():
+    assert lambda_at(IFTConfig(), 0) == 0.2
+    lin = IFTConfig(schedule="linear", min_lambda=0.0, max_lambda=0.4, warmup_steps=4)
+    assert [lambda_at(lin, s) for s in (0, 1, 2, 4, 10)] == pytest.approx([0, 0.1, 0.2, 0.4, 0.4])
+    noisy = IFTConfig(disturb="normal", disturb_std=0.5, seed=7)
+    values = [lambda_at(noisy, s) for s in range(200)]
+    assert values == [lambda_at(noisy, s) for s in range(200)]  # a pure function of the step
+    assert len(set(values)) > 150 and all(0.0 <= v <= 1.0 for v in values)
+    assert abs(sum(values) / len(values) - 0.2) < 0.03
+    assert lambda_at(IFTConfig(max_lambda=0.0, gamma=0.0), 5) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,world,needle", [
+    (dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 6, "world size 6 is not divisible"),
+])
+def test_world_not_divisible(kwargs, world, needle):
+    with pytest.raises(ConfigError, match=needle):
+        ParallelConfig(**kwargs).data_parallel_size(world)
+
+
+def test_mis_sized_layouts():
+    with pytest.raises(ConfigError, match="virtual_pipeline_model_parallel_size needs"):
+        ParallelConfig(virtual_pipeline_model_parallel_size=2)
+    with pytest.raises(ConfigError, match="sequence_parallel=true needs"):
+        ParallelConfig(sequence_parallel=True)
+    with pytest.raises(ConfigError, match="cannot be split into"):
+        ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2).check_model(6, 4, 4)
+    with pytest.raises(ConfigError, match="must divide the attention heads"):
+        ParallelConfig(tensor_model_parallel_size=4).check_model(4, 4, 2)
+
+
+def test_interleaved_pipeline_needs_microbatches_multiple_of_pp():
+    cfg = load_run_config("configs/demo.yaml", [
+        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
+        "parallel.virtual_pipeline_model_parallel_size=2",
+        "train.global_batch_size=12", "train.micro_batch_size=4",
+    ])
+    with pytest.raises(ConfigError, match="multiple of pipeline_model_parallel_size=2"):
+        cfg.check_world(2)
+
+
+def test_demo_config_loads_and_overrides_apply():
+    cfg = load_run_config("configs/demo.yaml", ["ift.gamma=0.5", "train.steps=17"])
+    assert isinstance(cfg, RunConfig) and cfg.ift.gamma == 0.5 and cfg.train.steps == 17
+    assert cfg.check_world(2) == 1 and cfg.train.num_microbatches(1) == 4
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.hidden=3", "unknown key 'model.hidden'"),
+    ("extra.key=1", "unknown key 'extra'"),
+    ("train.micro_batch_size=0", "train.micro_batch_size=0 must be a positive integer"),
+    ("model.params_dtype=fp8", "model.params_dtype='fp8'"),
+    ("data.seq_length=4096", "exceeds model.max_position_embeddings"),
+    ("optimizer.lr_warmup_steps=500", "warm-up (500 steps) must be shorter"),
+    ("parallel.context_parallel_size=2", "context_parallel_size > 1 is not supported"),
+])
+def test_bad_run_config(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_run_config("configs/demo.yaml", [override])
+
+
+def test_override_syntax():
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        apply_overrides({}, ["train.steps"])
+    assert apply_overrides({}, ["a.b=[1, 2]", "a.c=true"]) == {"a": {"b": [1, 2], "c": True}}
+
+
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/llama3_8b_ift.yaml",
+                                  "configs/llama3_70b_ift.yaml", "configs/pretrain_continuation.yaml"])
+def test_presets_are_valid(path):
+    data = load_yaml(path)
+    cfg = from_dict(RunConfig, data)
+    assert cfg.model.num_layers % (cfg.parallel.pipeline_model_parallel_size * cfg.parallel.vpp) == 0
