@@ -23,8 +23,11 @@ What it changes (each measured as needed with megatron-core 0.16.1 and torch 2.1
 * one :class:`torch.overrides.TorchFunctionMode` maps any CUDA ``device=`` argument, ``.cuda()``
   and ``.to(<cuda>)`` to the CPU, and makes ``Tensor.type()`` (no argument) report the CUDA type
   name, which megatron-core's optimizers check.
-* the RNG tracker is seeded through ``model_parallel_cuda_manual_seed(..., inference_rng_tracker=
-  True)``, whose tracker does not touch CUDA RNG state (exact while dropout is 0).
+* the CUDA RNG state functions (``torch.cuda.get_rng_state`` / ``set_rng_state`` /
+  ``manual_seed`` and megatron-core's ``_get/_set_cuda_rng_state``) act on the CPU generator, so
+  megatron-core's own ``CudaRNGStatesTracker`` (model-parallel dropout streams) and activation
+  recomputation's RNG save/restore work unchanged on the CPU, where all randomness comes from
+  that generator.
 """
 
 from __future__ import annotations
@@ -107,6 +110,14 @@ def enable() -> None:
     torch.cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
     torch.cuda.default_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore[assignment]
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore[assignment]
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state  # type: ignore[assignment]
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True
@@ -126,12 +137,11 @@ class _NullStream:
 
 
 def model_parallel_seed(seed: int) -> None:
-    """Seed torch and megatron-core's model-parallel RNG tracker without touching CUDA.
+    """Seed torch and megatron-core's model-parallel RNG tracker (on the CPU generator).
 
-    Call after ``parallel_state.initialize_model_parallel``. The inference tracker keeps plain
-    ``torch`` RNG state, which is exact for dropout-free models (our CPU tests and demos).
+    Call after ``parallel_state.initialize_model_parallel`` (and after :func:`enable`).
     """
     from megatron.core import tensor_parallel
 
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
