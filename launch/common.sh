@@ -4,7 +4,10 @@
 # Environment understood by both launchers:
 #   NPROC_PER_NODE  processes per node (default: the number of GPUs, or 1 without nvidia-smi)
 #   TORCHRUN        the torchrun executable (default: torchrun on PATH)
-#   TRAIN_MODULE    the Python module torchrun starts (default: megatron_ift.train)
+#   TRAIN_MODULE    the Python module torchrun starts (default: megatron_ift.train; the tests
+#                   substitute a stand-in that obeys the same contract)
+#   TORCHRUN_SHUTDOWN_TIMEOUT  seconds torchrun waits for workers to save after a forwarded
+#                   signal, outside Slurm (default 600)
 #   DRY_RUN=1       print the torchrun command (one shell-quoted line) instead of running it
 
 _launch_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

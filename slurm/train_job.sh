@@ -8,8 +8,11 @@
 #     process per GPU), node rank = the task's SLURM_NODEID;
 #  3. forward the pre-timeout signal (#SBATCH --signal=B:USR1@N reaches only this batch shell) to
 #     the job step, where the trainer saves a checkpoint and exits 0;
-#  4. when the step is over: done if the trainer wrote RUN_DIR/COMPLETED, else requeue the job
-#     (same job id, same RUN_DIR), and the next run resumes from RUN_DIR's latest checkpoint.
+#  4. when the step is over: done if the trainer wrote RUN_DIR/COMPLETED; otherwise, if the
+#     trainer stopped cleanly (preempted, or exit 0 before the end), requeue the job (same job
+#     id, same RUN_DIR) and the next run resumes from RUN_DIR's latest checkpoint. A failed step
+#     (non-zero exit without a pre-timeout signal) is not requeued unless REQUEUE_ON_FAILURE=1:
+#     a configuration error or a bug would otherwise loop.
 #
 # Variables (set by the sbatch script; CAPS names may also come from the submitting environment):
 #   REPO_DIR          the checkout (on a filesystem every node sees); jobs run from it
@@ -18,7 +21,8 @@
 #   TRAIN_OVERRIDES   array of dotted.key=value overrides (the script's own arguments follow)
 #   RUN_DIR           checkpoint.dir: checkpoints, COMPLETED marker; one per job id
 #   LOG_DIR           per-job logs: one file per node and run
-#   MAX_REQUEUES      stop requeueing after this many restarts (a crash loop must end)
+#   MAX_REQUEUES      stop requeueing after this many restarts (SLURM_RESTART_COUNT)
+#   REQUEUE_ON_FAILURE=1  also requeue after a failed step (transient hardware/network faults)
 #   CONTAINER_IMAGE   pyxis/enroot image for srun (empty: the host environment)
 #   CONTAINER_MOUNTS  pyxis mounts (with CONTAINER_IMAGE)
 #   PYTHON_ENV        virtual environment put first on PATH when there is no container
@@ -41,8 +45,8 @@ fi
 # ---- rendezvous -------------------------------------------------------------------------------
 mapfile -t HOSTS < <(scontrol show hostnames "${SLURM_JOB_NODELIST}")
 export MASTER_ADDR="${HOSTS[0]}"
-# Derived from the job id so that two jobs sharing a node never pick the same port, and stable
-# across requeues of the same job.
+# Unless set: derived from the job id, so that two jobs sharing a node never pick the same port,
+# and stable across requeues of the same job.
 export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export NNODES="${SLURM_NNODES}"
 export NPROC_PER_NODE
@@ -58,7 +62,7 @@ SRUN_ARGS=(
     --ntasks-per-node=1                  # one torchrun per node; it starts the per-GPU processes
     # Slurm 22.05's srun does not inherit --cpus-per-task from the allocation (23.11 does again).
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"
-    --kill-on-bad-exit=1                 # one failed node ends the step at once (then: requeue)
+    --kill-on-bad-exit=1                 # one failed node ends the step on all nodes at once
     --output="${LOG_DIR}/%x-%j-run${RESTART}-node%n.log"
 )
 if [[ -n "${CONTAINER_IMAGE}" ]]; then
@@ -75,12 +79,13 @@ SRUN_PID=$!
 # USR1 (the pre-timeout warning) is forwarded to the step: srun passes it to every process of the
 # step and the trainer saves and exits 0. TERM means Slurm is ending the job (scancel, time limit,
 # preemption): forward it too (the trainer saves if it can) but do not requeue afterwards.
+PREEMPTED=0
 TERMINATED=0
 forward_signal() {
     job_log "batch shell got SIG$1: forwarding it to the training step"
     kill -s "$1" "${SRUN_PID}" 2>/dev/null || true
 }
-trap 'forward_signal USR1' USR1
+trap 'PREEMPTED=1; forward_signal USR1' USR1
 trap 'TERMINATED=1; forward_signal TERM' TERM
 
 # `wait` returns early (status > 128) when a trapped signal arrives; wait again until srun has
@@ -98,6 +103,11 @@ if [[ -f "${RUN_DIR}/COMPLETED" ]]; then
 fi
 if ((TERMINATED)); then
     job_log "terminated by Slurm (scancel, time limit or preemption): not requeueing"
+    exit "${STEP_RC}"
+fi
+if ((STEP_RC != 0 && !PREEMPTED)) && [[ "${REQUEUE_ON_FAILURE:-0}" != 1 ]]; then
+    job_log "training failed (status ${STEP_RC}; node logs in ${LOG_DIR}): not requeueing" \
+        "(REQUEUE_ON_FAILURE=1 retries failures from the last checkpoint)"
     exit "${STEP_RC}"
 fi
 if ((RESTART >= MAX_REQUEUES)); then

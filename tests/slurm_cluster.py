@@ -30,15 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, TypeVar
 
+from dist_utils import free_port
+
 T = TypeVar("T")
 
 #: Commands the cluster needs; Debian packages: slurmctld slurmd slurm-client munge.
 REQUIRED_COMMANDS = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun",
                      "sinfo", "munged", "mungekey")
-
-#: States after which a job will not run again (a requeued job passes through REQUEUED/PENDING).
-FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
 
 
 def missing_reason() -> Optional[str]:
@@ -50,12 +48,6 @@ def missing_reason() -> Optional[str]:
     if os.geteuid() != 0:
         return "the local Slurm test cluster runs slurmd as root (SlurmdUser=root); not root"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], Optional[T]], timeout: float, what: str,
@@ -143,15 +135,47 @@ class SlurmCluster:
         return proc
 
     def sbatch(self, script: str, *script_args: str, options: tuple[str, ...] = (),
-               env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
-               timeout: float = 30) -> int:
+               env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> int:
         """Submit ``script`` with sbatch ``options`` (without waiting); return the job id."""
-        proc = subprocess.run(["sbatch", "--parsable", *options, script, *script_args],
-                              capture_output=True, text=True, timeout=timeout,
-                              env=self.client_env(env), cwd=cwd)
-        if proc.returncode != 0:
-            raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr}")
-        return int(proc.stdout.strip().split(";")[0])
+        return self._sbatch(script, script_args, options, env, cwd, wait=False, timeout=30)[0]
+
+    def sbatch_wait(self, script: str, *script_args: str, options: tuple[str, ...] = (),
+                    env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
+                    timeout: float = 180) -> tuple[int, int]:
+        """``sbatch --wait``: submit, block until the job has ended; return (job id, exit code).
+
+        Requeues do not end the wait; the job's final state does.
+        """
+        return self._sbatch(script, script_args, options, env, cwd, wait=True, timeout=timeout)
+
+    def _sbatch(self, script, script_args, options, env, cwd, wait: bool,
+                timeout: float) -> tuple[int, int]:
+        cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *options, script,
+               *script_args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.client_env(env), cwd=cwd)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # Cancel the job too: it must not hold the node for the next test.
+            proc.kill()
+            out, err = proc.communicate()
+            job = out.strip().split(";")[0]
+            if job.isdigit():
+                self.run("scancel", job, check=False)
+            raise TimeoutError(f"{' '.join(cmd)}: job {job or '?'} not done after "
+                               f"{timeout:.0f}s (cancelled)\n{self.logs_tail()}") from None
+        job = out.strip().split(";")[0]
+        if not job.isdigit():
+            raise RuntimeError(f"sbatch failed ({proc.returncode}): {err}")
+        return int(job), proc.returncode
+
+    def cancel_all(self, timeout: float = 30) -> None:
+        """Cancel every job of this cluster and wait until the queue is empty."""
+        self.run("scancel", "--full", "--user=root", timeout=10, check=False)
+        wait_until(lambda: not self.run("squeue", "--noheader", timeout=10,
+                                        check=False).stdout.strip(),
+                   timeout, "all jobs to leave the queue")
 
     def job_info(self, job_id: int) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
@@ -196,13 +220,6 @@ class SlurmCluster:
                                f"{(self.root / 'log' / f'{name}.stdout').read_text()}\n"
                                f"{self.logs_tail()}")
 
-    def _cancel_all_jobs(self, timeout: float = 30) -> None:
-        with contextlib.suppress(Exception):
-            self.run("scancel", "--full", "--user=root", timeout=10, check=False)
-            wait_until(lambda: not self.run("squeue", "--noheader", timeout=10,
-                                             check=False).stdout.strip(),
-                       timeout, "all jobs to leave the queue")
-
     def _stop_daemons(self) -> None:
         # Reverse start order: slurmd, slurmctld, then munged (the others authenticate through it).
         for name, proc in reversed(self._daemons):
@@ -246,7 +263,8 @@ def start_cluster(root: Path, cpus: int = 4, timeout: float = 60) -> Iterator[Sl
                                f"{cluster.logs_tail()}") from None
         yield cluster
     finally:
-        cluster._cancel_all_jobs()
+        with contextlib.suppress(Exception):
+            cluster.cancel_all()
         cluster._stop_daemons()
 
 

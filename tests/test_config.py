@@ -82,10 +82,21 @@ def test_demo_config_loads_and_overrides_apply():
     ("data.seq_length=4096", "exceeds model.max_position_embeddings"),
     ("optimizer.lr_warmup_steps=500", "warm-up (500 steps) must be shorter"),
     ("parallel.context_parallel_size=2", "context_parallel_size > 1 is not supported"),
+    ("train.steps=ten", "train.steps='ten' must be an integer"),
+    ("ift.estimator=top_p", "needs ift.top_p"),
+    ("parallel.tensor_model_parallel_size=3", "must divide the attention heads"),
+    ("train.global_batch_size=10", "train.global_batch_size=10 is not a multiple"),
+    ("fp8.recipe=mxfp9", "fp8.recipe='mxfp9'"),
 ])
 def test_bad_run_config(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_run_config("configs/demo.yaml", [override])
+
+
+def test_transformer_engine_refused_without_gpu():
+    cfg = load_run_config("configs/demo.yaml", ["model.transformer_impl=transformer_engine"])
+    with pytest.raises(ConfigError, match="needs a CUDA GPU and the transformer-engine"):
+        cfg.check_hardware()
 
 
 def test_override_syntax():

@@ -182,3 +182,16 @@ def test_sampling_follows_softmax_and_nucleus():
     other = estimate(logits, cfg, vocab_size=v, step=4)
     assert torch.equal(estimate(logits, cfg, vocab_size=v, step=3), again)
     assert not torch.equal(again, other)
+
+
+def test_vocabulary_mismatch_is_refused():
+    from megatron_ift.ift import check_labels
+
+    labels = torch.tensor([[1, 2, 70]])
+    with pytest.raises(ValueError, match="tokenizer does not match the model"):
+        check_labels(labels, torch.tensor([[1, 1, 1]]), vocab_size=64)
+    check_labels(labels, torch.tensor([[1, 1, 0]]), vocab_size=64)  # untrained position: fine
+    with pytest.raises(ValueError, match="exceeds the logits' vocabulary"):
+        estimate(torch.zeros(1, 3, 32), IFTConfig(), vocab_size=40)
+    with pytest.raises(ValueError, match="labels shape"):
+        label_logprobs(torch.zeros(1, 3, 8), torch.zeros(1, 4, dtype=torch.long))

@@ -131,7 +131,7 @@ def test_single_node_usr1_saves_then_a_rerun_resumes(tmp_path, config):
                            env=_standin_env(NPROC_PER_NODE=2), capture_output=True, text=True,
                            timeout=120)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"resumed from checkpoint at step {step}" in rerun.stdout
+    assert f"resumed from {ckpt} at step {step}" in rerun.stdout
     assert f"step {step + 1}/{step + 4}" in rerun.stdout and "step 1/" not in rerun.stdout
     assert (ckpt / "COMPLETED").read_text().strip() == str(step + 4)
 

@@ -28,6 +28,7 @@ for ((node = 0; node < SLURM_NNODES; node++)); do
     SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 SLURM_STEP_ID=0 \
         "$@" > "$STUB_DIR/node$node.cmd" || exit $?
 done
+exit "${STUB_SRUN_RC:-0}"   # what the training step returns
 """
 
 STUB_SCONTROL = r"""#!/usr/bin/env bash
@@ -63,7 +64,7 @@ def test_sbatch_directives(name):
     assert "site settings" in text and 'source "${REPO_DIR}/slurm/train_job.sh" "$@"' in text
 
 
-def _dry_run(tmp_path, script, nnodes, extra_args=(), env_extra=None):
+def _dry_run(tmp_path, script, nnodes, extra_args=(), env_extra=None, expect_rc=0):
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     for name, body in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL)):
@@ -82,7 +83,7 @@ def _dry_run(tmp_path, script, nnodes, extra_args=(), env_extra=None):
     env.pop("MASTER_PORT", None)
     proc = subprocess.run(["bash", os.path.join(SLURM, script), *extra_args], env=env,
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == expect_rc, proc.stdout + proc.stderr
     commands = [shlex.split((stubs / f"node{n}.cmd").read_text()) for n in range(nnodes)]
     srun_args = (stubs / "srun.args").read_text().splitlines()
     return proc.stdout, srun_args, commands, hosts, config
@@ -139,6 +140,19 @@ def test_8b_script_renders_one_node(tmp_path):
     best = plan(get_preset("llama3-8b"), Cluster(nodes=1, gpus_per_node=8),
                 Workload(seq_length=4096)).best
     assert [a for a in argv if a.startswith(("parallel.", "train.recompute"))] == best.overrides()
+
+
+@pytest.mark.parametrize("retry", ["0", "1"])
+def test_failed_step_is_requeued_only_when_asked(tmp_path, retry):
+    # A crash (non-zero exit, no pre-timeout signal) must not requeue by default: a config error
+    # or a bug would loop. REQUEUE_ON_FAILURE=1 retries it from the last checkpoint.
+    out, *_ = _dry_run(tmp_path, "cpu_demo.sbatch", 1, expect_rc=0 if retry == "1" else 3,
+                       env_extra=dict(STUB_SRUN_RC="3", REQUEUE_ON_FAILURE=retry))
+    assert "training step exited with status 3" in out
+    if retry == "1":
+        assert "dry run: would requeue" in out
+    else:
+        assert "training failed (status 3" in out and "would requeue" not in out
 
 
 def test_missing_config_fails_before_srun(tmp_path):

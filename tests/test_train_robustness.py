@@ -105,17 +105,17 @@ def _cli(*args, env=None):
 
 
 @pytest.mark.parametrize("args,env,needle", [
+    # Key-level validation is covered in-process by tests/test_config.py; these cases go
+    # through the CLI and the trainer's pre-build checks (world size, files, hardware).
     (["model.num_layerz=2"], None, "unknown key 'model.num_layerz'"),
-    (["train.steps=ten"], None, "train.steps='ten' must be an integer"),
-    (["ift.estimator=beam"], None, "ift.estimator='beam' is not one of"),
-    (["ift.estimator=top_p"], None, "needs ift.top_p"),
     (["data.paths=[nowhere.jsonl]"], None, "data.paths: nowhere.jsonl does not exist"),
-    ([], {"WORLD_SIZE": "3"}, "world size 3 is not divisible by tensor x pipeline parallel"),
-    (["parallel.tensor_model_parallel_size=3"], None, "must divide the attention heads"),
-    (["train.global_batch_size=10"], None, "train.global_batch_size=10 is not a multiple"),
+    (["parallel.tensor_model_parallel_size=2"], {"WORLD_SIZE": "3"},
+     "world size 3 is not divisible by tensor x pipeline parallel"),
+    (["fp8.enabled=true"], None, "fp8.enabled=true needs NVIDIA Transformer Engine"),
 ])
 def test_bad_config_fails_before_model_construction(args, env, needle, tmp_path):
-    r = _cli(f"checkpoint.dir={tmp_path}", *args, env=env)
+    # A world of one: tensor parallel 1 unless the case sets it.
+    r = _cli(f"checkpoint.dir={tmp_path}", "parallel.tensor_model_parallel_size=1", *args, env=env)
     assert r.returncode == 2, r.stdout + r.stderr
     assert needle in r.stderr, r.stderr
     assert "resolved config" not in r.stdout  # nothing was built

@@ -10,6 +10,7 @@ from megatron_ift.config_io import apply_overrides, from_dict, load_yaml
 from megatron_ift.data.config import DataConfig
 from megatron_ift.ift.config import IFTConfig
 from megatron_ift.models.config import ModelConfig
+from megatron_ift.models.fp8 import FP8Config
 from megatron_ift.parallel import ParallelConfig
 from megatron_ift.training.engine import OptimizerConfig, warmup_steps
 from megatron_ift.validation import ConfigError, check_choice, check_positive_int
@@ -124,6 +125,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
 
     def __post_init__(self) -> None:
         if self.data.seq_length > self.model.max_position_embeddings:
@@ -147,6 +149,17 @@ class RunConfig:
                 f"(micro_batch_size x dp)) to be a multiple of pipeline_model_parallel_size={pp}"
             )
         return dp
+
+    def check_hardware(self) -> None:
+        """FP8 / Transformer Engine asked for where they cannot run: refuse before building."""
+        from megatron_ift.models.fp8 import check_fp8_supported
+        from megatron_ift.models.gpt import resolve_transformer_impl
+
+        resolve_transformer_impl(self.model)
+        if self.fp8.enabled:
+            check_fp8_supported(self.fp8)
+            if resolve_transformer_impl(self.model) != "transformer_engine":
+                raise ConfigError("fp8.enabled=true needs model.transformer_impl=transformer_engine (or auto)")
 
     def check_paths(self) -> None:
         """Input files exist (before anything expensive)."""

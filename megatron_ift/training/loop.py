@@ -72,13 +72,16 @@ def _peak_memory_gb() -> float:
 
 
 def _transformer_overrides(cfg: RunConfig) -> dict[str, Any]:
+    from megatron_ift.models.fp8 import fp8_transformer_config_kwargs
+
     t = cfg.train
+    out: dict[str, Any] = fp8_transformer_config_kwargs(cfg.fp8) if cfg.fp8.enabled else {}
     if t.recompute == "selective":
-        return {"recompute_granularity": "selective"}
-    if t.recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": "uniform",
-                "recompute_num_layers": t.recompute_num_layers}
-    return {}
+        out["recompute_granularity"] = "selective"
+    elif t.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform",
+                   recompute_num_layers=t.recompute_num_layers)
+    return out
 
 
 def _metadata(cfg: RunConfig) -> dict[str, Any]:
@@ -120,6 +123,7 @@ class Trainer:
         self.dp = cfg.check_world(world)  # before any process group or model exists
         self.num_microbatches = cfg.train.num_microbatches(self.dp)
         cfg.check_paths()
+        cfg.check_hardware()
         self.resume_from = check_run_directory(cfg)
         if not torch.cuda.is_available():
             from megatron_ift import cpu_compat

@@ -6,7 +6,7 @@ resume) independently of the real trainer. The contract it implements:
 * ``--config FILE [dotted.key=value ...]``; reads ``checkpoint.dir``, ``train.steps``,
   ``checkpoint.save_interval`` and ``standin.step_seconds`` (YAML file, then overrides).
 * Resumes from the latest checkpoint in ``checkpoint.dir`` and prints
-  ``resumed from checkpoint at step N``.
+  ``resumed from DIR at step N``; logs ``step N/STEPS`` (rank 0), like the real trainer.
 * On SIGTERM or SIGUSR1: saves the current step on every rank, prints
   ``preempted: saved checkpoint at step N`` and exits 0. All ranks agree on the step through an
   all-reduce of the flag, as a real trainer must (ranks receive the signal at different times).
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     state = 0.0
     if step:
         state = json.loads((ckpt / f"step_{step:06d}" / f"rank{rank}.json").read_text())["state"]
-        print(f"[rank {rank}] resumed from checkpoint at step {step}", flush=True)
+        print(f"[rank {rank}] resumed from {ckpt} at step {step}", flush=True)
     else:
         print(f"[rank {rank}] starting from scratch (world size {world})", flush=True)
 
