@@ -5,6 +5,7 @@ One reference run per configuration (plain autograd on a TP1/PP1 model, the spec
 parameters after one step. Each layout then runs our step through megatron-core's schedules
 (DDP, optionally the distributed optimizer) from the same weights and data, loads the reference
 tensors into its own layout (dist_checkpointing reshards them) and reports per-parameter errors.
+Layouts of the same world size run one after another in a single torchrun launch.
 
 Tolerances (float32): loss and every gradient within 1e-5 relative to the tensor's largest
 entry; parameters after one Adam step within 1e-5 relative plus 1% of one learning-rate step
@@ -28,79 +29,66 @@ CONFIGS = {
     ),
     "detached_untied": dict(ift=dict(gamma=0.95, max_lambda=0.2, mixing_embeddings="detached"), model={}),
 }
+# (config, tp, pp, dp, vpp, sp, distributed optimizer)
+RUNS = [
+    ("ift", 1, 1, 1, None, False, False),
+    ("ift", 2, 1, 1, None, False, False),
+    ("ift", 1, 2, 1, None, False, False),
+    ("ift", 1, 1, 2, None, False, False),
+    ("ift", 1, 1, 2, None, False, True),
+    ("ift", 2, 2, 1, None, False, False),
+    ("ift", 1, 2, 2, None, False, True),
+    ("ift", 1, 2, 1, 2, False, False),
+    ("ift", 2, 1, 1, None, True, False),
+    ("detached_tied", 2, 1, 1, None, False, False),
+    ("detached_tied", 1, 2, 1, None, False, False),
+    ("detached_untied", 2, 1, 1, None, False, False),
+]
+
+
+def _run_id(run) -> str:
+    name, tp, pp, dp, vpp, sp, dopt = run
+    return f"{name}-tp{tp}-pp{pp}-dp{dp}" + (f"-vpp{vpp}" if vpp else "") + ("-sp" if sp else "") + ("-distopt" if dopt else "")
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = tmp_path_factory.mktemp(f"ref_{name}")
-            opts = dict(CONFIGS[name], ref=str(d), global_batch=GLOBAL_BATCH, seq=SEQ, mbs=MBS,
-                        seed=SEED, optim=OPTIM)
-            torchrun("step_reference.py", 1, json.dumps(opts), timeout=240)
-            cache[name] = (opts, json.load(open(d / "ref.json")))
-        return cache[name]
-
-    return get
-
-
-def _run(references, tmp_path, name, tp, pp, dp, vpp=None, sp=False, distopt=False):
-    opts, ref = references(name)
-    run = dict(opts, out=str(tmp_path), tp=tp, pp=pp, sp=sp, distopt=distopt)
-    if vpp:
-        run["vpp"] = vpp
-    torchrun("step_parallel.py", tp * pp * dp, json.dumps(run), timeout=300)
-    return json.load(open(tmp_path / "result.json")), ref
+def results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("step")
+    base = dict(global_batch=GLOBAL_BATCH, seq=SEQ, mbs=MBS, seed=SEED, optim=OPTIM)
+    refs = {name: dict(base, **cfg, ref=str(d / f"ref_{name}")) for name, cfg in CONFIGS.items()}
+    torchrun("step_reference.py", 1, json.dumps(list(refs.values())), timeout=280)
+    by_world: dict[int, list] = {}
+    for run in RUNS:
+        name, tp, pp, dp, vpp, sp, dopt = run
+        spec = dict(refs[name], out=str(d / _run_id(run)), tp=tp, pp=pp, sp=sp, distopt=dopt)
+        if vpp:
+            spec["vpp"] = vpp
+        by_world.setdefault(tp * pp * dp, []).append(spec)
+    for world, specs in sorted(by_world.items()):
+        torchrun("step_parallel.py", world, json.dumps(specs), timeout=290)
+    out = {}
+    for run in RUNS:
+        ref = json.load(open(d / f"ref_{run[0]}" / "ref.json"))
+        out[_run_id(run)] = (json.load(open(d / _run_id(run) / "result.json")), ref)
+    return out
 
 
-def _check(result, ref, expect_grads):
+@pytest.mark.dist
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("run", RUNS, ids=_run_id)
+def test_step_matches_single_process_reference(results, run):
+    result, ref = results[_run_id(run)]
+    distopt = run[-1]
     assert result["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     for key in ("loss_mixed_sft", "weight_max", "weight_entropy", "num_samples"):
         assert result["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-7), key
-    if expect_grads:
+    if not distopt:  # with ZeRO each rank holds only its shard of the gradients
         assert result["grads"], "no gradients compared"
         for name, (diff, scale) in result["grads"].items():
             assert diff <= 1e-5 * scale + 1e-12, f"grad {name}: {diff} vs scale {scale}"
     assert result["params"]
     for name, (diff, scale) in result["params"].items():
         assert diff <= 1e-5 * scale + 0.01 * OPTIM["lr"], f"param {name}: {diff} vs scale {scale}"
-
-
-LAYOUTS = [
-    # (tp, pp, dp, vpp, sp, distopt)
-    (1, 1, 1, None, False, False),
-    (2, 1, 1, None, False, False),
-    (1, 2, 1, None, False, False),
-    (1, 1, 2, None, False, False),
-    (1, 1, 2, None, False, True),
-    (2, 2, 1, None, False, False),
-    (1, 2, 2, None, False, True),
-    (1, 2, 1, 2, False, False),
-    (2, 1, 1, None, True, False),
-]
-
-
-@pytest.mark.dist
-@pytest.mark.parametrize("tp,pp,dp,vpp,sp,distopt", LAYOUTS,
-                         ids=lambda v: str(v))
-def test_ift_step_matches_reference(references, tmp_path, tp, pp, dp, vpp, sp, distopt):
-    result, ref = _run(references, tmp_path, "ift", tp, pp, dp, vpp, sp, distopt)
-    _check(result, ref, expect_grads=not distopt)
-
-
-@pytest.mark.dist
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_detached_tied_embeddings_match_reference(references, tmp_path, tp, pp):
-    result, ref = _run(references, tmp_path, "detached_tied", tp, pp, 1)
-    _check(result, ref, expect_grads=True)
-
-
-@pytest.mark.dist
-def test_detached_untied_embeddings_match_reference(references, tmp_path):
-    result, ref = _run(references, tmp_path, "detached_untied", 2, 1, 1)
-    _check(result, ref, expect_grads=True)
 
 
 @pytest.mark.dist

@@ -47,7 +47,14 @@ def _gather(d: dict) -> dict:
 
 
 def main():
-    opts = json.loads(sys.argv[1])
+    """Runs every spec of the JSON list in argv[1], one layout after another in this world."""
+    for i, opts in enumerate(json.loads(sys.argv[1])):
+        if i:
+            parallel_state.destroy_model_parallel()
+        run(opts)
+
+
+def run(opts):
     ref, out = opts["ref"], opts["out"]
     par = setup(
         tp=opts["tp"], pp=opts["pp"], vpp=opts.get("vpp"), sp=opts.get("sp", False),
@@ -81,6 +88,7 @@ def main():
     load_model(expected, os.path.join(ref, "params"))
     report["params"] = _gather(_errors(chunks, expected, use_grad=False))
     report["grad_norm"] = grad_norm
+    os.makedirs(out, exist_ok=True) if dist.get_rank() == 0 else None
     dump(os.path.join(out, "result.json"), report)
 
 

@@ -20,9 +20,17 @@ from megatron_ift.models.gpt import build_gpt_chunks
 
 
 def main():
-    opts = json.loads(sys.argv[1])
+    specs = json.loads(sys.argv[1])
+    par = setup()
+    for opts in specs if isinstance(specs, list) else [specs]:
+        reference_step(opts, par)
+
+
+def reference_step(opts, par):
+    from megatron_ift import cpu_compat
+
     ref = opts["ref"]
-    par = setup(seed=opts["seed"] + 100)
+    cpu_compat.model_parallel_seed(opts["seed"] + 100)
     model_cfg = tiny_model(**opts.get("model", {}))
     cfg = IFTConfig(**opts["ift"])
     (model,) = build_gpt_chunks(model_cfg, par)
