@@ -10,6 +10,7 @@ from train_utils import DEMO
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_demo_preset_loss_falls(tmp_path):
     out = torchrun("train_cli.py", 2, "--config", DEMO, f"checkpoint.dir={tmp_path}", timeout=900)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

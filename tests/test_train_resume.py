@@ -31,6 +31,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(900)
 def test_resume_is_bit_identical_tp2(runs):
     d = runs["dir"]
     assert "resumed from" in runs["resume_log"]
@@ -50,6 +51,7 @@ def test_resume_under_another_layout(runs):
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(600)
 def test_resume_is_bit_identical_pp2(tmp_path):
     pp2 = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]
     train(2, str(tmp_path / "straight"), *STEPS, *pp2)

@@ -49,6 +49,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return code, _output(proc)
 
 
+@pytest.mark.timeout(900)
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     proc = single_process(str(run), "train.steps=50")
@@ -67,6 +68,7 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     assert code == 0 and f"at step {step}" in out, out
 
 
+@pytest.mark.timeout(900)
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     env = {"MEGATRON_IFT_FAULT_INJECTION": "kill_before_commit:4"}
@@ -86,6 +88,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert (run / "iter_0000004" / "megatron_ift.json").exists()
 
 
+@pytest.mark.timeout(900)
 def test_refuses_to_overwrite_another_run(tmp_path):
     run = tmp_path / "run"
     code, out = _finish(single_process(str(run), "train.steps=3"))
