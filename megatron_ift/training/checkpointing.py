@@ -70,15 +70,18 @@ def save_checkpoint(
     Returns the checkpoint folder.
     """
     ckpt_dir = os.path.join(root, layout.iter_name(step))
+    if os.path.isfile(os.path.join(ckpt_dir, layout.METADATA)):
+        # A complete checkpoint of this very step exists (e.g. preempted right after a resume):
+        # the state is the same, so keep it rather than delete and rewrite it.
+        _barrier()
+        if _rank() == 0:
+            layout.mark_latest(root, step)
+        _barrier()
+        return ckpt_dir
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.isdir(ckpt_dir):
-            # A half-written folder of an interrupted save (or a re-save of the same step).
-            latest = layout.resolve(root)
-            if latest is not None and os.path.abspath(latest) == os.path.abspath(ckpt_dir):
-                os.remove(os.path.join(ckpt_dir, layout.METADATA))  # it is being replaced
-                layout.atomic_write_text(os.path.join(root, layout.LATEST), "")
-            shutil.rmtree(ckpt_dir)
+            shutil.rmtree(ckpt_dir)  # a half-written folder of an interrupted save
         os.makedirs(ckpt_dir)
     _barrier()
     state = _state(chunks, optimizer, is_loading=False)
