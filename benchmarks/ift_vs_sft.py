@@ -88,26 +88,30 @@ def _one(step, chunks, opt, mbs, i):
     opt.zero_grad()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     step(mbs, i)
     opt.step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def run_timing(args) -> dict:
     model, chunks, opt, mbs = _setup(args)
     steppers = _steppers(args, model, chunks)
-    times = {"ift": [], "sft": []}
+    wall = {"ift": [], "sft": []}
+    cpu = {"ift": [], "sft": []}
     for i in range(args.warmup + args.steps):
         order = ("ift", "sft") if i % 2 == 0 else ("sft", "ift")
         for mode in order:
-            dt = _one(steppers[mode], chunks, opt, mbs, i)
+            dt, ct = _one(steppers[mode], chunks, opt, mbs, i)
             if i >= args.warmup:
-                times[mode].append(dt)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_step_s": med, "all_step_s": times, "ratio": med["ift"] / med["sft"]}
+                wall[mode].append(dt)
+                cpu[mode].append(ct)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"median_step_s": med, "all_step_s": wall, "ratio": med["ift"] / med["sft"],
+            "median_cpu_s": cmed, "cpu_ratio": cmed["ift"] / cmed["sft"]}
 
 
 def run_memory(args) -> dict:
@@ -169,6 +173,11 @@ def main(argv=None) -> int:
         "config": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "vocab", "seq", "mbs", "microbatches", "dtype", "warmup", "steps")},
         "step_time_ratio_ift_over_sft": timing["ratio"],
         "median_step_s": timing["median_step_s"],
+        # Process CPU time (all threads): robust when other jobs share the machine; the
+        # figure to read on a shared CPU host. On GPU the wall-clock ratio is the one.
+        "cpu_time_ratio_ift_over_sft": timing["cpu_ratio"],
+        "median_cpu_s": timing["median_cpu_s"],
+        "load_average_1m_at_end": os.getloadavg()[0],
         "peak_memory_bytes": {m: mem[m]["peak_bytes"] for m in mem},
         "peak_memory_kind": mem["sft"]["kind"],
         "peak_memory_ratio_ift_over_sft": mem["ift"]["peak_bytes"] / mem["sft"]["peak_bytes"],

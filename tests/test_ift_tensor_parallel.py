@@ -62,4 +62,6 @@ def test_logprobs_and_grads_match_tp1(data, world):
     ref = torch.log_softmax(payload["logits"].double(), -1).gather(-1, payload["labels"][..., None])[..., 0]
     torch.testing.assert_close(results[1]["logprobs"], ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(results[world]["logprobs"], results[1]["logprobs"], rtol=0, atol=1e-6)
+    for w in (1, world):  # the metrics-only path agrees with the trainable one
+        torch.testing.assert_close(results[w]["logprobs_no_grad"], ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(results[world]["logprob_grad"], results[1]["logprob_grad"], rtol=0, atol=1e-6)

@@ -80,7 +80,7 @@ def test_step_matches_single_process_reference(results, run):
     result, ref = results[_run_id(run)]
     distopt = run[-1]
     assert result["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-    for key in ("loss_mixed_sft", "weight_max", "weight_entropy", "num_samples"):
+    for key in ("loss_sft", "loss_mixed_sft", "weight_max", "weight_entropy", "num_samples"):
         assert result["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-7), key
     if not distopt:  # with ZeRO each rank holds only its shard of the gradients
         assert result["grads"], "no gradients compared"

@@ -2,7 +2,7 @@
 
 from megatron_ift.ift.config import IFTConfig
 from megatron_ift.ift.estimators import estimate
-from megatron_ift.ift.logprobs import check_labels, label_logprobs
+from megatron_ift.ift.logprobs import check_labels, label_logprobs, label_logprobs_no_grad
 from megatron_ift.ift.loss import LossTerms, aggregate, ift_loss_terms
 from megatron_ift.ift.mixing import estimated_sequence, mix_embeddings
 from megatron_ift.ift.schedule import lambda_at
@@ -18,6 +18,7 @@ __all__ = [
     "estimated_sequence",
     "ift_loss_terms",
     "label_logprobs",
+    "label_logprobs_no_grad",
     "lambda_at",
     "mix_embeddings",
     "propagation_weights",

@@ -49,9 +49,11 @@ def _argmax_global(scores: torch.Tensor, vocab_start: int, group: ProcessGroup) 
         best = torch.full(lead, -math.inf, dtype=torch.float64, device=scores.device)
         local_ids = torch.full(lead, _NO_ID, dtype=torch.int64, device=scores.device)
     else:
-        # float64 holds every float32/bf16 value exactly, so MAX and equality stay exact.
-        best = scores.amax(dim=-1).to(torch.float64)
-        local_ids = scores.argmax(dim=-1) + vocab_start  # argmax returns the first maximum
+        # One pass for value and index (the first maximum on ties). float64 holds every
+        # float32/bf16 value exactly, so MAX and equality stay exact.
+        best, local_ids = scores.max(dim=-1)
+        best = best.to(torch.float64)
+        local_ids = local_ids + vocab_start
     global_best = all_reduce_(best.clone(), dist.ReduceOp.MAX, group)
     cand = torch.where(best == global_best, local_ids, torch.full_like(local_ids, _NO_ID))
     return all_reduce_(cand, dist.ReduceOp.MIN, group)

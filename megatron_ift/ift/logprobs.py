@@ -78,6 +78,27 @@ def label_logprobs(
     return -_VocabParallelNLL.apply(logits, labels, group)
 
 
+@torch.no_grad()
+def label_logprobs_no_grad(logits: torch.Tensor, labels: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """``log_softmax(logits)[label]`` for metrics (no gradient, logits untouched).
+
+    One fused ``logsumexp`` pass per shard instead of the trainable path's max / subtract /
+    exp / sum, combined across ranks from ``[...]``-sized partial results.
+    """
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    rank, _ = group_rank_world(group)
+    part = x.shape[-1]
+    local_lse = torch.logsumexp(x, dim=-1)  # [...]
+    gmax = all_reduce_(local_lse.clone(), dist.ReduceOp.MAX, group)
+    total = all_reduce_(torch.exp(local_lse - gmax), dist.ReduceOp.SUM, group)
+    lse = gmax + torch.log(total)
+    local = labels - rank * part
+    here = (local >= 0) & (local < part)
+    picked = x.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1)
+    label_logit = all_reduce_(torch.where(here, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM, group)
+    return label_logit - lse
+
+
 def check_labels(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int) -> None:
     """Raise if a trained label lies outside ``[0, vocab_size)`` (tokenizer/model mismatch)."""
     trained = labels[loss_mask.bool()]

@@ -35,6 +35,7 @@ from megatron_ift.ift import (
     estimated_sequence,
     ift_loss_terms,
     label_logprobs,
+    label_logprobs_no_grad,
     lambda_at,
     mix_embeddings,
 )
@@ -174,7 +175,7 @@ class IFTStep:
             sample_ids=mb.get("sample_ids"), group=self.tp_group,
         )
         mask = mb["loss_mask"]
-        logps = label_logprobs(logits, mb["labels"], self.tp_group, inplace=True)
+        logps = label_logprobs_no_grad(logits, mb["labels"], self.tp_group)
         groups = Groups.build(mask, mb.get("segment_ids"))
         sft_sum, sft_count = aggregate(-logps * mask.to(logps.dtype), mask, groups, self.cfg.aggregation)
         trained = mask.bool()

@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_ift.ift import IFTConfig, estimate, label_logprobs
+from megatron_ift.ift import IFTConfig, estimate, label_logprobs, label_logprobs_no_grad
 
 
 def main():
@@ -27,6 +27,7 @@ def main():
     grads = [torch.zeros_like(x.grad) for _ in range(world)]
     dist.all_gather(grads, x.grad)
     results["logprobs"] = lp.detach()
+    results["logprobs_no_grad"] = label_logprobs_no_grad(local.double(), labels, group)
     results["logprob_grad"] = torch.cat(grads, dim=-1)
     if rank == 0:
         torch.save(results, out_path)

@@ -5,6 +5,7 @@ Writes ``<ref>/init`` (the shared initial weights), ``<ref>/grads`` and ``<ref>/
 model-layout dist checkpoints, so any parallel layout can load them) and ``<ref>/ref.json``.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -43,6 +44,8 @@ def reference_step(opts, par):
     with torch.no_grad():
         logits = model(b["tokens"], b["position_ids"], None)  # [b, s, V_padded]
     xhat = reference.estimated_tokens(logits[..., :V], b["tokens"], b["loss_mask"], cfg)
+    # the estimation pass's metric: SFT loss of the ground-truth input (gamma 0: plain CE)
+    loss_sft, _ = reference.ift_loss(logits, b["labels"], b["loss_mask"], dataclasses.replace(cfg, gamma=0.0))
     model.train()
     E = model.embedding.word_embeddings.weight
     if cfg.mixing_embeddings == "detached":
@@ -64,7 +67,7 @@ def reference_step(opts, par):
     opt.step()
     save_model([model], os.path.join(ref, "params"))
     with open(os.path.join(ref, "ref.json"), "w") as f:
-        json.dump({"loss": float(loss), "metrics": metrics}, f)
+        json.dump({"loss": float(loss), "metrics": dict(metrics, loss_sft=float(loss_sft))}, f)
 
 
 if __name__ == "__main__":
