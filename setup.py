@@ -30,7 +30,7 @@ setup(
     extras_require={
         # GPU: Transformer Engine layers and FP8 (needs CUDA; imported lazily).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "matplotlib>=3.7"],
         "tools": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["megatron-ift=megatron_ift.cli:main"]},

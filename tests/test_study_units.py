@@ -1,0 +1,112 @@
+"""The SFT-versus-IFT study's driver, task scoring, decoding and report (no training)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_ift.data import demo
+from megatron_ift.studies import report, run_study, tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_study_configs_load_and_plan():
+    study, cfg = run_study.load_study(os.path.join(ROOT, "studies", "frozen_lake.yaml"), quick=False)
+    assert study["task"] == "frozen_lake" and "quick" not in cfg and "study" not in cfg
+    plan = run_study.points_and_seeds(study)
+    sft, ift = run_study.Point(0.0, 0.0), run_study.Point(0.2, 0.95)
+    assert plan[sft] == plan[ift] == sorted(study["seeds"])
+    assert sft.method == "SFT" and ift.method == "IFT" and run_study.Point(0.0, 0.95).method == "IFT"
+    assert run_study.Point(0.0, 0.95) in plan and run_study.Point(0.2, 0.0) in plan
+    quick, qcfg = run_study.load_study(os.path.join(ROOT, "studies", "frozen_lake.yaml"), quick=True)
+    assert set(run_study.points_and_seeds(quick)) == {sft, ift}
+    assert qcfg["train"]["steps"] < cfg["train"]["steps"]
+    assert qcfg["model"] == cfg["model"]  # the merge keeps what quick does not name
+    arith, acfg = run_study.load_study(os.path.join(ROOT, "studies", "arithmetic.yaml"), quick=False)
+    assert arith["task"] == "arithmetic" and len(arith["seeds"]) >= 3
+    # The run configs are valid megatron-ift train configs once the driver fills the paths in.
+    from megatron_ift.config_io import from_dict
+    from megatron_ift.training.config import RunConfig
+
+    for c in (cfg, qcfg, acfg):
+        from_dict(RunConfig, run_study.deep_merge(c, {"data": {"paths": ["x.jsonl"],
+                                                               "tokenizer_path": "tok"}}))
+
+
+def test_child_env_is_a_fresh_world():
+    env = run_study.child_env(2)
+    assert "MASTER_PORT" not in env and env["OMP_NUM_THREADS"] == "2"
+
+
+def test_task_split_is_disjoint_and_scoring_is_verified(tmp_path):
+    path, items = tasks.split(os.path.join(ROOT, "data"), str(tmp_path), num_test=40, seed=3)
+    assert len(items) == 40 and {it.task for it in items} == {"add", "reverse"}
+    assert sum(it.task == "add" for it in items) == 20
+    questions = {it.question for it in items}
+    with open(path) as fh:
+        train = [json.loads(line)["messages"] for line in fh]
+    assert not any(m["content"] in questions for msgs in train for m in msgs if m["role"] == "user")
+    assert len(train) + 40 >= demo.NUM_CONVERSATIONS + demo.NUM_PAIRS - 5
+    for it in items:
+        assert demo.verify_conversation([{"role": "user", "content": it.question},
+                                         {"role": "assistant", "content": it.answer}])
+    preds = [it.answer if i % 2 == 0 else it.answer + "0" for i, it in enumerate(items)]
+    s = tasks.score([" " + p + "\n" for p in preds], items)
+    assert s["exact_match"] == 0.5
+    assert tasks.score([it.answer for it in items], items)["exact_match_reverse"] == 1.0
+
+
+def _fake_results():
+    runs = []
+    for key, lam, gamma, base in (("l0_g0", 0.0, 0.0, 0.5), ("l0.2_g0.95", 0.2, 0.95, 0.6),
+                                  ("l0.1_g0.95", 0.1, 0.95, 0.55), ("l0.2_g0", 0.2, 0.0, 0.52),
+                                  ("l0.2_g0.5", 0.2, 0.5, 0.58)):
+        for seed in (1, 2):
+            ev = {split: {"success_rate": base + 0.01 * seed, "mean_return": base - 0.05,
+                          "mean_steps": 6.0, "invalid_rate": 0.0, "episodes": 10}
+                  for split in ("seen", "unseen")}
+            curve = [{"step": s, "loss_sft": 1.0 / s, "loss": 1.0 / s} for s in (1, 5, 10)]
+            runs.append({"point": key, "method": "SFT" if key == "l0_g0" else "IFT", "lambda": lam,
+                         "gamma": gamma, "seed": seed, "eval": ev, "curve": curve})
+    summary = run_study.summarise(runs, run_study.FrozenLakeTask.headline)
+    base = {s: {"success_rate": 0.05, "mean_return": 0.04} for s in ("seen", "unseen")}
+    task = {"study": {"ift": {"max_lambda": 0.2, "gamma": 0.95}}, "runs": runs, "summary": summary,
+            "baselines": {"random": base}, "steps": 10, "wall_s": 60.0}
+    return {"tasks": {"frozen_lake": task}, "started": "now", "command": "cmd", "wall_s": 120.0,
+            "machine": {"cpu_count": 2, "torch": "x", "threads": 2}}
+
+
+def test_summary_pairs_seeds_and_report_writes_plots_and_doc(tmp_path):
+    results = _fake_results()
+    p = results["tasks"]["frozen_lake"]["summary"]["l0.2_g0.95"]
+    assert p["metrics"]["unseen_success_rate"]["mean"] == pytest.approx(0.615)
+    assert p["minus_sft"]["unseen_success_rate"]["mean"] == pytest.approx(0.1)
+    assert p["wins_vs_sft"]["unseen_success_rate"] == 2
+    files = report.plots(results, str(tmp_path))
+    assert set(files) == {"frozen_lake_curves.png", "frozen_lake_vs_lambda.png",
+                          "frozen_lake_vs_gamma.png"}
+    for f in files:
+        with open(tmp_path / f, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    results["plots"] = files
+    doc = tmp_path / "study.md"
+    doc.write_text("# Study\n\nhand-written conclusions\n")
+    report.update_doc(str(doc), results, "study")
+    report.update_doc(str(doc), results, "study")  # idempotent: one block, text kept
+    text = doc.read_text()
+    assert text.count(report.BEGIN) == 1 and "hand-written conclusions" in text
+    assert "| IFT lambda=0.2 gamma=0.95 | 2 | 61.5 ± 0.7" in text
+    assert "+10.0 ± 0.0 (2/2)" in text and "![frozen_lake_curves.png](study/frozen_lake_curves.png)" in text
+
+
+def test_greedy_decoding_from_a_checkpoint(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "study_generate.py"),
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"ok": True}
