@@ -424,6 +424,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         task = run_task(cfg, args, log)
         results["tasks"][task["study"]["task"]] = task
     results["wall_s"] = time.perf_counter() - start
+    _publish(results, out, doc)
+    from megatron_ift.studies import report
+
+    log(f"done in {results['wall_s']:.0f}s: {os.path.join(out, 'results.json')}")
+    print(report.table(results))
+    return 0
+
+
+def _publish(results: dict, out: str, doc: str) -> None:
+    """Plots, ``results.json`` and (unless ``doc`` is ``none``) the results page's table."""
     from megatron_ift.studies import report
 
     results["plots"] = report.plots(results, out)
@@ -432,9 +442,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fh.write("\n")
     if doc != "none":
         report.update_doc(doc, results, os.path.relpath(out, os.path.dirname(os.path.abspath(doc))))
-    log(f"done in {results['wall_s']:.0f}s: {os.path.join(out, 'results.json')}")
-    print(report.table(results))
-    return 0
 
 
 def _replot(out: str, doc: str) -> int:
@@ -442,12 +449,7 @@ def _replot(out: str, doc: str) -> int:
 
     with open(os.path.join(out, "results.json"), encoding="utf-8") as fh:
         results = json.load(fh)
-    results["plots"] = report.plots(results, out)
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-    if doc != "none":
-        report.update_doc(doc, results, os.path.relpath(out, os.path.dirname(os.path.abspath(doc))))
+    _publish(results, out, doc)
     print(report.table(results))
     return 0
 
