@@ -184,6 +184,25 @@ def test_sampling_follows_softmax_and_nucleus():
     assert not torch.equal(again, other)
 
 
+@pytest.mark.parametrize("estimator", ["greedy", "kth", "sample", "top_p"])
+def test_per_entry_keys_give_the_same_draws_as_the_batch_layout(estimator):
+    """The estimation pass passes only selected entries with their (sample, position) keys:
+    every estimator must return what it returns for those entries in the full [b, s] layout."""
+    g = torch.Generator().manual_seed(1)
+    b, s, v = 3, 1500, 40  # > one sampling chunk of entries
+    logits = torch.randn(b, s, v, generator=g) * 2
+    sample_ids = torch.tensor([7, 3, 11])
+    opts = {"kth": dict(k=3), "sample": dict(temperature=0.8), "top_p": dict(temperature=0.8, top_p=0.8)}
+    cfg = IFTConfig(estimator=estimator, **opts.get(estimator, {}))
+    full = estimate(logits, cfg, vocab_size=37, step=5, sample_ids=sample_ids)
+    mask = torch.rand(b, s, generator=g) < 0.6
+    rows, cols = mask.nonzero(as_tuple=True)
+    picked = estimate(logits[rows, cols][None], cfg, vocab_size=37, step=5,
+                      sample_ids=sample_ids[rows][None], positions=cols[None])
+    assert picked.shape == (1, rows.numel())
+    assert torch.equal(picked[0], full[rows, cols])
+
+
 def test_vocabulary_mismatch_is_refused():
     from megatron_ift.ift import check_labels
 

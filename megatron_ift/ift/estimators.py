@@ -31,6 +31,7 @@ from megatron_ift.ift.config import IFTConfig
 _NO_ID = torch.iinfo(torch.int64).max
 _FIXED_POINT_BITS = 40
 _MASK32 = 0xFFFFFFFF
+_SAMPLE_CHUNK = 1024  # positions per sampling chunk (bounds the noise buffers)
 
 
 def _valid_view(logits: torch.Tensor, vocab_size: int, group: ProcessGroup):
@@ -107,19 +108,20 @@ def gumbel_noise(
     positions: torch.Tensor,
     vocab_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """Standard Gumbel noise ``[b, s, v]`` keyed on (seed, step, sample, position, vocab id).
+    """Standard Gumbel noise ``[..., v]`` keyed on (seed, step, sample, position, vocab id).
 
     Args:
-        sample_ids: ``[b]`` global sample indices.
-        positions: ``[s]`` positions in the sequence.
+        sample_ids: global sample indices, broadcastable with ``positions`` (e.g. ``[b, 1]``
+            and ``[1, s]`` for a batch, or one entry per selected position).
+        positions: positions in the sequence.
         vocab_ids: ``[v]`` *global* vocabulary ids of the local shard.
     """
     dev = vocab_ids.device
     h = _hash32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=dev))
     h = _hash32(h ^ (step & _MASK32))
-    h = _hash32(h ^ (sample_ids.to(dev, torch.int64) & _MASK32))[:, None]  # [b, 1]
-    h = _hash32(h ^ (positions.to(dev, torch.int64) & _MASK32)[None, :])  # [b, s]
-    h = _hash32(h[..., None] ^ (vocab_ids.to(torch.int64) & _MASK32))  # [b, s, v]
+    h = _hash32(h ^ (sample_ids.to(dev, torch.int64) & _MASK32))
+    h = _hash32(h ^ (positions.to(dev, torch.int64) & _MASK32))
+    h = _hash32(h[..., None] ^ (vocab_ids.to(torch.int64) & _MASK32))  # [..., v]
     u = ((h >> 8).to(torch.float64) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), exact
     return (-torch.log(-torch.log(u))).to(torch.float32)
 
@@ -164,21 +166,34 @@ def sample(
     top_p: Optional[float] = None,
     group: ProcessGroup = None,
 ) -> torch.Tensor:
-    """Temperature (optionally nucleus) sampling by Gumbel-max, row by row to bound memory."""
+    """Temperature (optionally nucleus) sampling by Gumbel-max over ``logits [b, s, v/tp]``.
+
+    ``sample_ids`` is ``[b]`` (one id per row) or ``[b, s]`` (one per entry); ``positions`` is
+    ``[s]`` or ``[b, s]`` (default ``arange(s)``). Entries are processed in chunks of
+    ``_SAMPLE_CHUNK`` so the noise never needs more than a chunk's worth of memory.
+    """
     valid, start = _valid_view(logits, vocab_size, group)
     b, s = logits.shape[:2]
-    positions = torch.arange(s, device=logits.device) if positions is None else positions
-    vocab_ids = torch.arange(start, start + valid.shape[-1], device=logits.device)
+    dev = logits.device
+    positions = torch.arange(s, device=dev) if positions is None else positions.to(dev)
+    sample_ids = sample_ids.to(dev)
+    sids = (sample_ids[:, None] if sample_ids.dim() == 1 else sample_ids).expand(b, s).reshape(-1)
+    pos = (positions[None, :] if positions.dim() == 1 else positions).expand(b, s).reshape(-1)
+    flat = valid.detach().reshape(b * s, valid.shape[-1])
+    vocab_ids = torch.arange(start, start + valid.shape[-1], device=dev)
     out = []
-    for i in range(b):
-        scaled = valid[i : i + 1].detach().to(torch.float32) / temperature  # [1, s, v_local]
-        scores = scaled + gumbel_noise(seed, step, sample_ids[i : i + 1], positions, vocab_ids)
+    for c0 in range(0, b * s, _SAMPLE_CHUNK):
+        c1 = min(c0 + _SAMPLE_CHUNK, b * s)
+        scaled = flat[c0:c1].to(torch.float32) / temperature  # [chunk, v_local]
+        scores = scaled + gumbel_noise(seed, step, sids[c0:c1], pos[c0:c1], vocab_ids)
         if top_p is not None:
             q = _integer_probs(scaled, group)
             tau = _nucleus_threshold(q, top_p, group)
             scores = scores.masked_fill(q < tau[..., None], -math.inf)
         out.append(_argmax_global(scores, start, group))
-    return torch.cat(out, dim=0)
+    if not out:
+        return torch.zeros(b, s, dtype=torch.int64, device=dev)
+    return torch.cat(out).reshape(b, s)
 
 
 def estimate(
@@ -188,6 +203,7 @@ def estimate(
     *,
     step: int = 0,
     sample_ids: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
     group: ProcessGroup = None,
 ) -> torch.Tensor:
     """The configured estimator on vocab-parallel ``logits [b, s, v/tp]``; returns ids ``[b, s]``.
@@ -197,7 +213,10 @@ def estimate(
     Args:
         vocab_size: the true (unpadded) vocabulary size; padded columns are never chosen.
         step: optimizer step (keys the sampling noise).
-        sample_ids: ``[b]`` global sample indices (keys the sampling noise); default ``arange(b)``.
+        sample_ids: ``[b]`` (or per-entry ``[b, s]``) global sample indices (keys the sampling
+            noise); default ``arange(b)``.
+        positions: ``[s]`` (or per-entry ``[b, s]``) sequence positions keying the noise;
+            default ``arange(s)``. Per-entry keys let a caller pass only selected positions.
         group: the tensor-parallel group over which the vocabulary is split.
     """
     _, world = group_rank_world(group)
@@ -219,6 +238,7 @@ def estimate(
         seed=cfg.seed,
         step=step,
         sample_ids=sample_ids,
+        positions=positions,
         top_p=cfg.top_p if cfg.estimator == "top_p" else None,
         group=group,
     )

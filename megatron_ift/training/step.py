@@ -39,6 +39,7 @@ from megatron_ift.ift import (
     lambda_at,
     mix_embeddings,
 )
+from megatron_ift.training.output_selection import PositionSelection, selected_output_positions
 
 MicroBatch = dict[str, torch.Tensor]
 
@@ -47,6 +48,11 @@ _SUM_KEYS = (
     "loss_sum", "count", "mixed_sft_sum", "weight_entropy_sum", "num_samples", "num_tokens",
     "sft_sum", "sft_count", "est_correct", "est_total",
 )
+
+
+def _unused_collect(output: torch.Tensor, non_loss_data: bool = True) -> None:
+    """Non-last pipeline stages: the schedule never calls this (their output is sent on)."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -165,26 +171,43 @@ class IFTStep:
 
     def _estimation_forward(self, data_iterator: Iterator[MicroBatch], model, *, step: int):
         mb = next(data_iterator)
-        output = model(mb["tokens"], mb["position_ids"], attention_mask(mb))
-        return output, partial(self._estimation_collect, mb, step)
+        bare = unwrap(model)
+        if not bare.post_process:
+            return model(mb["tokens"], mb["position_ids"], attention_mask(mb)), _unused_collect
+        # Logits only where an estimate is used (answer positions): prompt and padding rows
+        # skip the output layer and the vocab-sized estimator work.
+        selection = PositionSelection.from_mask(mb["loss_mask"])
+        with selected_output_positions(bare, selection, self.tp_group):
+            output = model(mb["tokens"], mb["position_ids"], attention_mask(mb))
+        return output, partial(self._estimation_collect, mb, selection, step)
 
-    def _estimation_collect(self, mb: MicroBatch, step: int, logits: torch.Tensor, non_loss_data: bool = True):
-        # logits: [b, s, v/tp]; only ids and a few scalars leave this function.
-        ids = estimate(
+    def _estimation_collect(
+        self, mb: MicroBatch, sel: PositionSelection, step: int, logits: torch.Tensor, non_loss_data: bool = True
+    ):
+        # logits: [1, n, v/tp] at the selected (answer) positions; only ids and a few scalars
+        # leave this function.
+        sample_ids = mb.get("sample_ids")
+        if sample_ids is None:
+            sample_ids = torch.arange(sel.shape[0], device=logits.device)
+        picked_ids = estimate(
             logits, self.cfg, self.vocab_size, step=step,
-            sample_ids=mb.get("sample_ids"), group=self.tp_group,
-        )
+            sample_ids=sample_ids.to(logits.device)[sel.rows][None], positions=sel.cols[None],
+            group=self.tp_group,
+        )[0]
+        labels = mb["labels"][sel.rows, sel.cols]
+        logps = label_logprobs_no_grad(logits[0], labels, self.tp_group)
         mask = mb["loss_mask"]
-        logps = label_logprobs_no_grad(logits, mb["labels"], self.tp_group)
+        ids = sel.scatter(picked_ids, mb["labels"])  # unselected entries are never used
+        token_losses = sel.scatter(-logps, torch.zeros(mask.shape, dtype=logps.dtype, device=mask.device))
         groups = Groups.build(mask, mb.get("segment_ids"))
-        sft_sum, sft_count = aggregate(-logps * mask.to(logps.dtype), mask, groups, self.cfg.aggregation)
-        trained = mask.bool()
+        sft_sum, sft_count = aggregate(token_losses, mask, groups, self.cfg.aggregation)
+        correct = 0.0 if sel.empty else float((picked_ids == labels).sum())
         return {
             "ids": ids,
             "sft_sum": float(sft_sum),
             "sft_count": float(sft_count),
-            "est_correct": float((ids == mb["labels"])[trained].sum()),
-            "est_total": float(trained.sum()),
+            "est_correct": correct,
+            "est_total": 0.0 if sel.empty else float(labels.numel()),
         }
 
     def _send_estimates_to_first_stage(self, ids: Optional[torch.Tensor], m: int) -> Optional[torch.Tensor]:
