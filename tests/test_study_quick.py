@@ -20,7 +20,7 @@ def test_quick_study_sft_and_ift_both_learn(tmp_path):
     env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "megatron_ift.studies.run_study", "--quick",
-           "--work-dir", str(tmp_path / "work"), "--out", str(out), "--doc", "none", "--threads", "1"]
+           "--work-dir", str(tmp_path / "work"), "--out", str(out), "--doc", "none", "--jobs", "2", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1700)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 

@@ -3,8 +3,8 @@ scratch through the real ``megatron-ift train`` path, then evaluated by acting a
 
 For every study config (``studies/*.yaml``: a ``study:`` section plus a normal run config) the
 driver prepares the data, trains one run per (lambda, gamma, seed) point as a subprocess
-``python -m megatron_ift.train`` (one at a time), evaluates each finished checkpoint in this
-process, and writes ``results.json``, PNG plots and the results table of ``docs/study.md``.
+``python -m megatron_ift.train`` (``--jobs`` at a time, ``--threads`` torch threads each),
+evaluates each finished checkpoint in this process, and writes ``results.json``, PNG plots and the results table of ``docs/study.md``.
 
 * ``frozen_lake``: demonstrations on generated 4x4 lakes; greedy success rate and return on the
   training lakes and on unseen lakes, against a random and the optimal policy on the same lakes.
@@ -17,6 +17,7 @@ one of the two at a time. Every point uses the same data, steps and seeds.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import dataclasses
 import json
@@ -341,13 +342,25 @@ def run_task(config_path: str, args, log) -> dict[str, Any]:
     if baselines:
         log(f"[{task_name}] baselines: " + json.dumps(
             {k: {s: round(v[s]['success_rate'], 3) for s in v} for k, v in baselines.items()}))
-    plan = points_and_seeds(study)
-    runs = []
-    total = sum(len(s) for s in plan.values())
-    for point, seeds in plan.items():
-        for seed in seeds:
+    plan = [(point, seed) for point, seeds in points_and_seeds(study).items() for seed in seeds]
+    runs: list[Optional[dict]] = [None] * len(plan)
+
+    def train(i: int) -> float:
+        point, seed = plan[i]
+        return train_run(base, os.path.join(work, "runs", f"{point.key}_s{seed}"), point, seed,
+                         args.threads)
+
+    # Training runs are subprocesses, ``args.jobs`` at a time; each finished run is evaluated
+    # here while the others keep training. Results are stored in plan order.
+    done = 0
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        futures = {pool.submit(train, i): i for i in range(len(plan))}
+        for fut in concurrent.futures.as_completed(futures):
+            i = futures[fut]
+            point, seed = plan[i]
             run_dir = os.path.join(work, "runs", f"{point.key}_s{seed}")
-            train_s = train_run(base, run_dir, point, seed, args.threads)
+            train_s = fut.result()
             t = time.perf_counter()
             cached = os.path.join(run_dir, "study_eval.json")
             if train_s == 0.0 and os.path.exists(cached):  # --reuse of an evaluated run
@@ -358,13 +371,15 @@ def run_task(config_path: str, args, log) -> dict[str, Any]:
                 with open(cached, "w", encoding="utf-8") as fh:
                     json.dump(result, fh)
             eval_s = time.perf_counter() - t
-            curve = read_curve(run_dir)
-            runs.append({"point": point.key, "method": point.method, "lambda": point.lam,
-                         "gamma": point.gamma, "seed": seed, "train_s": train_s, "eval_s": eval_s,
-                         "eval": result, "curve": curve})
-            log(f"[{task_name}] {len(runs)}/{total} {point.method} lambda={point.lam:g} "
+            runs[i] = {"point": point.key, "method": point.method, "lambda": point.lam,
+                       "gamma": point.gamma, "seed": seed, "train_s": train_s, "eval_s": eval_s,
+                       "eval": result, "curve": read_curve(run_dir)}
+            done += 1
+            log(f"[{task_name}] {done}/{len(plan)} {point.method} lambda={point.lam:g} "
                 f"gamma={point.gamma:g} seed={seed}: train {train_s:.0f}s eval {eval_s:.1f}s "
                 + " ".join(f"{k}={v:.3f}" for k, v in task.headline(result).items()))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a failed run stops the queued ones
     return {
         "config_file": os.path.relpath(config_path, ROOT) if os.path.isabs(config_path) else config_path,
         "study": study, "train_config": run_cfg, "facts": prep["facts"], "baselines": baselines,
@@ -385,12 +400,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--doc", default=None,
                         help="markdown page whose results block is rewritten (default docs/study.md; "
                              "--quick: none); 'none' to skip")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="training runs at a time (default: the CPU count, at most 4)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: CPU count / jobs)")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the plots and the doc table from <out>/results.json")
     parser.add_argument("--reuse", action="store_true",
                         help="keep completed runs found in the work dir instead of retraining")
     args = parser.parse_args(argv)
+    cpus = os.cpu_count() or 1
+    args.jobs = args.jobs or min(4, cpus)
+    args.threads = args.threads or max(1, cpus // args.jobs)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be at least 1")
     configs = args.configs or list(QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
     configs = [c if os.path.isabs(c) else os.path.join(ROOT, c) for c in configs]
     args.work_dir = os.path.abspath(args.work_dir or os.path.join(
@@ -417,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": args.threads},
+                    "threads": args.threads, "jobs": args.jobs},
         "tasks": {},
     }
     for cfg in configs:
