@@ -218,12 +218,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _parallelism(machine: dict) -> str:
+    jobs, threads = machine.get("jobs", 1), machine["threads"]
+    return (f"{jobs} training run{'s' if jobs != 1 else ''} at a time, "
+            f"{threads} torch thread{'s' if threads != 1 else ''} each")
+
+
 def update_doc(doc: str, results: dict, plot_dir: str) -> None:
     """Rewrite the generated block of ``doc`` (created, with the block, if missing)."""
     block = [BEGIN, "",
              f"Generated {results['started']} by `{results['command']}` in "
              f"{results['wall_s'] / 60:.1f} min on {results['machine']['cpu_count']} CPU core(s) "
-             f"(torch {results['machine']['torch']}, {results['machine']['threads']} threads).", "",
+             f"(torch {results['machine']['torch']}; {_parallelism(results['machine'])}).", "",
              table(results)]
     for f in results.get("plots", []):
         block.append(f"![{f}]({plot_dir}/{f})")
