@@ -21,6 +21,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG_KEYS = ("layers", "hidden", "heads", "vocab", "seq", "mbs", "microbatches", "dtype", "warmup",
+                "steps", "prompt_fraction")
 sys.path.insert(0, ROOT)
 
 
@@ -59,7 +61,7 @@ def _setup(args):
     for _ in range(args.microbatches):
         tokens = torch.randint(0, args.vocab, (args.mbs, args.seq + 1), generator=g)
         mask = torch.ones(args.mbs, args.seq)
-        mask[:, : args.seq // 4] = 0  # a prompt quarter
+        mask[:, : int(args.seq * args.prompt_fraction)] = 0  # the prompt: no loss, no estimate
         mbs.append({
             "tokens": tokens[:, :-1].to(dev), "labels": tokens[:, 1:].to(dev),
             "loss_mask": mask.to(dev),
@@ -80,7 +82,7 @@ def _steppers(args, model, chunks):
     }
 
 
-def _one(step, chunks, opt, mbs, i):
+def _one(step, chunks, opt, mbs, i, forward_only=False):
     import torch
 
     for c in chunks:
@@ -89,8 +91,9 @@ def _one(step, chunks, opt, mbs, i):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t, c = time.perf_counter(), time.process_time()
-    step(mbs, i)
-    opt.step()
+    step(mbs, i, forward_only=forward_only)
+    if not forward_only:
+        opt.step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t, time.process_time() - c
@@ -99,19 +102,23 @@ def _one(step, chunks, opt, mbs, i):
 def run_timing(args) -> dict:
     model, chunks, opt, mbs = _setup(args)
     steppers = _steppers(args, model, chunks)
-    wall = {"ift": [], "sft": []}
-    cpu = {"ift": [], "sft": []}
+    # "forward": the SFT step forward-only (one forward and the loss, no backward, no optimizer),
+    # the F of the method's floor (F + F + B) / (F + B) = 1 + F / SFT step.
+    wall = {"ift": [], "sft": [], "forward": []}
+    cpu = {"ift": [], "sft": [], "forward": []}
     for i in range(args.warmup + args.steps):
-        order = ("ift", "sft") if i % 2 == 0 else ("sft", "ift")
+        order = ("ift", "sft", "forward") if i % 2 == 0 else ("forward", "sft", "ift")
         for mode in order:
-            dt, ct = _one(steppers[mode], chunks, opt, mbs, i)
+            step = steppers["sft" if mode == "forward" else mode]
+            dt, ct = _one(step, chunks, opt, mbs, i, forward_only=mode == "forward")
             if i >= args.warmup:
                 wall[mode].append(dt)
                 cpu[mode].append(ct)
     med = {k: statistics.median(v) for k, v in wall.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
     return {"median_step_s": med, "all_step_s": wall, "ratio": med["ift"] / med["sft"],
-            "median_cpu_s": cmed, "cpu_ratio": cmed["ift"] / cmed["sft"]}
+            "median_cpu_s": cmed, "cpu_ratio": cmed["ift"] / cmed["sft"],
+            "floor": 1.0 + med["forward"] / med["sft"]}
 
 
 def run_memory(args) -> dict:
@@ -138,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--mbs", type=int, default=4)
     p.add_argument("--microbatches", type=int, default=2)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--prompt-fraction", type=float, default=0.25,
+                   help="leading share of every sample that is prompt (loss_mask 0)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default=None)
@@ -153,8 +162,7 @@ def main(argv=None) -> int:
         return 0
 
     base = [sys.executable, os.path.abspath(__file__)] + [
-        f"--{k}={getattr(args, k)}" for k in ("layers", "hidden", "heads", "vocab", "seq", "mbs",
-                                               "microbatches", "dtype", "warmup", "steps")
+        f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _CONFIG_KEYS
     ]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
 
@@ -170,8 +178,11 @@ def main(argv=None) -> int:
         "benchmark": "ift_vs_sft",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
-        "config": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "vocab", "seq", "mbs", "microbatches", "dtype", "warmup", "steps")},
+        "config": {k: getattr(args, k) for k in _CONFIG_KEYS},
         "step_time_ratio_ift_over_sft": timing["ratio"],
+        # The method's floor measured in the same run: 1 + (SFT forward-only) / (SFT step).
+        "step_time_floor_1_plus_forward_over_sft": timing["floor"],
+        "answer_fraction": 1.0 - args.prompt_fraction,
         "median_step_s": timing["median_step_s"],
         # Process CPU time (all threads): robust when other jobs share the machine; the
         # figure to read on a shared CPU host. On GPU the wall-clock ratio is the one.
