@@ -1,0 +1,24 @@
+"""The IFT-vs-SFT benchmark script runs (tiny sizes) and reports consistent timings."""
+
+import json
+import os
+import subprocess
+import sys
+
+from dist_utils import ROOT
+
+
+def test_benchmark_timing_mode_reports_ratio_and_floor():
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "ift_vs_sft.py"), "--mode", "timing",
+           "--layers", "2", "--hidden", "32", "--heads", "4", "--vocab", "256", "--seq", "32",
+           "--mbs", "2", "--microbatches", "2", "--warmup", "1", "--steps", "2", "--prompt-fraction", "0.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    med = out["median_step_s"]
+    assert set(med) == {"ift", "sft", "forward"} and all(v > 0 for v in med.values())
+    assert all(len(v) == 2 for v in out["all_step_s"].values())
+    assert out["ratio"] == med["ift"] / med["sft"]
+    assert out["floor"] == 1.0 + med["forward"] / med["sft"]
