@@ -28,12 +28,21 @@ What it changes (each measured as needed with megatron-core 0.16.1 and torch 2.1
   megatron-core's own ``CudaRNGStatesTracker`` (model-parallel dropout streams) and activation
   recomputation's RNG save/restore work unchanged on the CPU, where all randomness comes from
   that generator.
+* if megatron-core is not imported yet, it is imported with its ``jit_fuser`` (``torch.compile``
+  on decorated fusion kernels) replaced by megatron-core's own no-op decorator: the decoration
+  alone imports TorchDynamo, about 2 s per process, for GPU fusion kernels that CPU runs never
+  compile. Eager and compiled fusions compute the same functions.
+* ``dist_checkpointing``'s write-results queue lives in a ``multiprocessing`` manager that
+  megatron-core starts with ``spawn`` (safe next to CUDA; about 3 s, on the first save of every
+  process). Without CUDA the manager is forked instead (milliseconds); megatron-core already
+  forks its checkpoint writer processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Any
 
 import torch
@@ -101,6 +110,7 @@ def enable() -> None:
             "compatibility layer is for CPU-only runs and tests; remove the call (or set "
             "MEGATRON_IFT_FORCE_CPU=1 to deliberately run on the CPU)."
         )
+    _import_megatron_with_eager_fusions()
     torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
@@ -115,12 +125,46 @@ def enable() -> None:
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore[assignment]
     from megatron.core.tensor_parallel import random as mcore_random
 
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._get_write_results_queue = _forked_write_results_queue
     mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state  # type: ignore[assignment]
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True
+
+
+def _eager(model=None, **_kwargs):
+    """``torch.compile`` stand-in while megatron-core is imported: returns the function."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def _import_megatron_with_eager_fusions() -> None:
+    """Import megatron-core with ``torch.compile`` passed through, then switch its ``jit_fuser``
+    to the no-op decorator for modules imported later. No effect once megatron-core is loaded."""
+    if "megatron.core" in sys.modules:
+        return
+    real = torch.compile
+    torch.compile = _eager  # type: ignore[assignment]
+    try:
+        from megatron.core import jit
+
+        jit.disable_jit_fuser()
+    finally:
+        torch.compile = real  # type: ignore[assignment]
+
+
+def _forked_write_results_queue():
+    """megatron-core's ``_get_write_results_queue`` with a forked (not spawned) manager."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    return filesystem_async._results_queue
 
 
 class _NullStream:

@@ -13,6 +13,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
 
+    import torch
+
+    if not torch.cuda.is_available():  # before megatron-core is imported (see cpu_compat)
+        from megatron_ift import cpu_compat
+
+        cpu_compat.enable()
     from megatron_ift.training.config import load_run_config
     from megatron_ift.training.loop import Trainer
     from megatron_ift.validation import ConfigError
