@@ -21,6 +21,7 @@ import re
 from typing import Iterable, Iterator
 
 from megatron_ift.data.templates import CHATML
+from megatron_ift.data.tokenizer import write_tokenizer_folder
 
 SEED = 20240518
 VOCAB_SIZE = 384
@@ -207,24 +208,10 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = VOCAB_
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    # Written by hand rather than by save_pretrained: the chat template stays inline in
-    # tokenizer_config.json and the class is one that transformers 4.x and 5.x both load.
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|pad|>",
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "model_max_length": 4096,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHATML,
-    }
-    with open(
-        os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8", newline="\n"
-    ) as fh:
-        json.dump(config, fh, indent=2, sort_keys=True)
-        fh.write("\n")
+    write_tokenizer_folder(
+        tok, out_dir, chat_template=CHATML, eos_token="<|endoftext|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
 
 
 def make_demo_data(out_dir: str, seed: int = SEED) -> list[str]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 from megatron_ift.data.errors import DataError
 from megatron_ift.validation import ConfigError
@@ -36,6 +37,45 @@ def load_tokenizer(path: str) -> Any:
             "is needed for character offsets"
         )
     return tok
+
+
+def write_tokenizer_folder(
+    tokenizer: Any,
+    out_dir: str,
+    *,
+    chat_template: str,
+    eos_token: str,
+    pad_token: str,
+    additional_special_tokens: list[str],
+    unk_token: Optional[str] = None,
+    model_max_length: int = 4096,
+) -> str:
+    """Save a ``tokenizers.Tokenizer`` as a folder that :func:`load_tokenizer` (and
+    transformers 4.x and 5.x) load as a ``PreTrainedTokenizerFast`` with ``chat_template``.
+
+    ``tokenizer_config.json`` is written by hand rather than by ``save_pretrained``, so the chat
+    template stays inline and the output is byte-stable (sorted keys, ``\n`` line ends).
+
+    Returns:
+        ``out_dir``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos_token,
+        "pad_token": pad_token,
+        "additional_special_tokens": list(additional_special_tokens),
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": chat_template,
+    }
+    if unk_token is not None:
+        config["unk_token"] = unk_token
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8", newline="\n") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    return out_dir
 
 
 def tokenizer_size(tokenizer: Any) -> int:

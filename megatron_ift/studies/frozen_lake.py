@@ -40,6 +40,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from megatron_ift.data.tokenizer import write_tokenizer_folder
+
 LEFT, DOWN, RIGHT, UP = 0, 1, 2, 3
 ACTIONS = ("L", "D", "R", "U")
 """Action tokens, indexed by action id (Gymnasium's order)."""
@@ -360,22 +362,10 @@ def write_tokenizer(out_dir: str, max_size: int = 8) -> str:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|pad|>",
-        "unk_token": "<|unk|>",
-        "additional_special_tokens": [END_TOKEN],
-        "model_max_length": 4096,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8", newline="\n") as fh:
-        json.dump(config, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    return out_dir
+    return write_tokenizer_folder(
+        tok, out_dir, chat_template=CHAT_TEMPLATE, eos_token="<|endoftext|>", pad_token="<|pad|>",
+        unk_token="<|unk|>", additional_special_tokens=[END_TOKEN],
+    )
 
 
 class Codec:
