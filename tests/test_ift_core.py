@@ -214,3 +214,53 @@ def test_vocabulary_mismatch_is_refused():
         estimate(torch.zeros(1, 3, 32), IFTConfig(), vocab_size=40)
     with pytest.raises(ValueError, match="labels shape"):
         label_logprobs(torch.zeros(1, 3, 8), torch.zeros(1, 4, dtype=torch.long))
+
+
+class _EmbedThenDropout(torch.nn.Module):
+    """The shape of megatron-core's embedding stage: a table lookup, then dropout."""
+
+    def __init__(self, vocab: int, hidden: int, p: float) -> None:
+        super().__init__()
+        self.word_embeddings = torch.nn.Embedding(vocab, hidden)
+        self.dropout = torch.nn.Dropout(p)
+
+    def forward(self, ids):
+        return self.dropout(self.word_embeddings(ids))
+
+
+def test_mixed_word_embeddings_live_detached_and_one_dropout_mask():
+    from megatron_ift.ift import mixed_word_embeddings
+
+    torch.manual_seed(0)
+    stage = _EmbedThenDropout(20, 8, p=0.5)
+    x = torch.randint(0, 20, (3, 7))
+    xhat = torch.randint(0, 20, (3, 7))
+    table = stage.word_embeddings.weight
+    expected = 0.7 * table[x] + 0.3 * table[xhat]
+
+    stage.eval()
+    with mixed_word_embeddings(stage.word_embeddings, xhat, 0.3, "live"):
+        out = stage(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    out.sum().backward()
+    counts = torch.bincount(torch.cat([x.reshape(-1), xhat.reshape(-1)]), minlength=20)
+    assert torch.equal(table.grad.abs().sum(1) > 0, counts > 0)  # both terms reach the table
+    assert not stage.word_embeddings._forward_hooks  # removed after the block
+
+    table.grad = None
+    with mixed_word_embeddings(stage.word_embeddings, xhat, 0.3, "detached"):
+        out = stage(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert not out.requires_grad
+
+    # Dropout runs once, on the mixed input: every entry is 0 or mixed / (1 - p).
+    stage.train()
+    with mixed_word_embeddings(stage.word_embeddings, xhat, 0.3, "live"):
+        out = stage(x)
+    kept = out != 0
+    assert 0.3 < kept.float().mean() < 0.7
+    torch.testing.assert_close(out[kept], (expected / 0.5)[kept], rtol=0, atol=1e-6)
+
+    with pytest.raises(RuntimeError, match="not xhat's"):
+        with mixed_word_embeddings(stage.word_embeddings, xhat[:, :3], 0.3, "live"):
+            stage(x)

@@ -4,7 +4,7 @@ from megatron_ift.ift.config import IFTConfig
 from megatron_ift.ift.estimators import estimate
 from megatron_ift.ift.logprobs import check_labels, label_logprobs, label_logprobs_no_grad
 from megatron_ift.ift.loss import LossTerms, aggregate, ift_loss_terms
-from megatron_ift.ift.mixing import estimated_sequence, mix_embeddings
+from megatron_ift.ift.mixing import estimated_sequence, mixed_word_embeddings
 from megatron_ift.ift.schedule import lambda_at
 from megatron_ift.ift.weights import Groups, propagation_weights
 
@@ -20,6 +20,6 @@ __all__ = [
     "label_logprobs",
     "label_logprobs_no_grad",
     "lambda_at",
-    "mix_embeddings",
+    "mixed_word_embeddings",
     "propagation_weights",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
@@ -38,26 +39,43 @@ def estimated_sequence(
     return xhat
 
 
-def mix_embeddings(
-    embed: Callable[[torch.Tensor], torch.Tensor],
-    tokens: torch.Tensor,
+@contextlib.contextmanager
+def mixed_word_embeddings(
+    word_embeddings: torch.nn.Module,
     tokens_hat: torch.Tensor,
     lam: float,
     mode: str = "live",
-) -> torch.Tensor:
-    """``(1 - lam) * embed(x) + lam * embed(xhat)``.
+) -> Iterator[None]:
+    """Within the block, ``word_embeddings(x)`` returns ``(1 - lam) * E[x] + lam * E[xhat]``.
 
-    ``embed`` is the model's own (vocab-parallel) embedding stage, e.g. megatron-core's
-    ``LanguageModelEmbedding`` with its position ids bound: it is linear in the word embedding,
-    so mixing its outputs mixes the word embeddings and adds position embeddings once.
+    ``word_embeddings`` is the model's own (vocab-parallel) table, e.g. megatron-core's
+    ``LanguageModelEmbedding.word_embeddings``; a forward hook mixes its output, so everything
+    the embedding stage does after the lookup (position embeddings, the sequence-parallel
+    scatter, embedding dropout with one mask) runs once, on the mixed input.
 
     Args:
-        mode: ``live`` lets gradients reach the embedding table through both terms; ``detached``
+        tokens_hat: ``xhat``, same shape as the ids the table is called with inside the block.
+        mode: ``live`` lets gradients reach the table through both terms; ``detached``
             (reference parity) uses the current table's values with gradients stopped.
     """
-    if lam == 0.0:
-        out = embed(tokens)
-        return out.detach() if mode == "detached" else out
-    with torch.set_grad_enabled(torch.is_grad_enabled() and mode == "live"):
-        out = (1.0 - lam) * embed(tokens) + lam * embed(tokens_hat)
-    return out.detach() if mode == "detached" else out
+    if mode not in ("live", "detached"):
+        raise ValueError(f"mixing mode {mode!r} is not 'live' or 'detached'")
+
+    def hook(module, args, output):
+        ids = args[0] if args else None
+        if ids is None or tuple(ids.shape) != tuple(tokens_hat.shape):
+            raise RuntimeError(
+                "mixed_word_embeddings: the table was called with ids of shape "
+                f"{None if ids is None else tuple(ids.shape)}, not xhat's {tuple(tokens_hat.shape)}"
+            )
+        live = mode == "live"
+        with torch.set_grad_enabled(torch.is_grad_enabled() and live):
+            # module.forward, not module(...): the hook must not fire again for xhat.
+            mixed = output if lam == 0.0 else (1.0 - lam) * output + lam * module.forward(tokens_hat)
+        return mixed if live else mixed.detach()
+
+    handle = word_embeddings.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

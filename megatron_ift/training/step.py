@@ -5,7 +5,8 @@ under ``no_grad`` with dropout off; the last pipeline stage turns its vocab-para
 estimated token ids (nothing else is kept) and sends them to the first stage.
 
 Pass 2 (optimisation): the normal schedule; the first stage feeds the mixed embeddings
-``(1 - lambda) * E[x] + lambda * E[xhat]`` through ``GPTModel.forward(decoder_input=...)``, the last
+``(1 - lambda) * E[x] + lambda * E[xhat]`` (mixed at the model's own table lookup, then one pass
+of its embedding stage) through ``GPTModel.forward(decoder_input=...)``, the last
 stage computes the IFT loss from vocab-parallel log-probs. The loss function returns
 ``(sum, count, report)`` and the schedule runs with ``calculate_per_token_loss``, so
 ``finalize_model_grads`` divides the gradients by the count summed over micro-batches and
@@ -37,7 +38,7 @@ from megatron_ift.ift import (
     label_logprobs,
     label_logprobs_no_grad,
     lambda_at,
-    mix_embeddings,
+    mixed_word_embeddings,
 )
 from megatron_ift.training.output_selection import PositionSelection, selected_output_positions
 
@@ -235,13 +236,15 @@ class IFTStep:
         mask = attention_mask(mb)
         if bare.pre_process and (lam > 0.0 or self.cfg.mixing_embeddings == "detached"):
             xhat = estimates[int(mb["index"])]
-            decoder_input = mix_embeddings(
-                lambda ids: bare.embedding(input_ids=ids, position_ids=mb["position_ids"]),
-                mb["tokens"],
+            # One pass of the model's own embedding stage on the mixed word embeddings, handed
+            # to GPTModel.forward as its precomputed decoder input.
+            with mixed_word_embeddings(
+                bare.embedding.word_embeddings,
                 xhat if xhat is not None else mb["tokens"],
                 lam,
                 self.cfg.mixing_embeddings,
-            )
+            ):
+                decoder_input = bare.embedding(input_ids=mb["tokens"], position_ids=mb["position_ids"])
             output = model(mb["tokens"], mb["position_ids"], mask, decoder_input=decoder_input)
         else:
             output = model(mb["tokens"], mb["position_ids"], mask)
@@ -293,7 +296,7 @@ class IFTStep:
         for c in self.chunks:
             bare = unwrap(c)
             if bare.pre_process and not bare.share_embeddings_and_output_weights:
-                for p in bare.embedding.parameters():
+                for p in bare.embedding.word_embeddings.parameters():
                     if p.requires_grad:
                         raise ValueError(
                             "mixing_embeddings='detached' with untied embeddings: freeze the input "
