@@ -65,6 +65,12 @@ def _latest_step(ckpt: Path) -> int:
     return int(marker.read_text()) if marker.exists() else 0
 
 
+def _say(line: str) -> None:
+    """One write() per line: both ranks share stdout, and print() may split a line from its
+    newline (unbuffered output), letting the other rank's line land in between."""
+    os.write(1, (line + "\n").encode())
+
+
 def _save(ckpt: Path, step: int, rank: int, state: float) -> None:
     folder = ckpt / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,9 +101,9 @@ def main(argv: list[str]) -> int:
     state = 0.0
     if step:
         state = json.loads((ckpt / f"step_{step:06d}" / f"rank{rank}.json").read_text())["state"]
-        print(f"[rank {rank}] resumed from {ckpt} at step {step}", flush=True)
+        _say(f"[rank {rank}] resumed from {ckpt} at step {step}")
     else:
-        print(f"[rank {rank}] starting from scratch (world size {world})", flush=True)
+        _say(f"[rank {rank}] starting from scratch (world size {world})")
 
     while step < steps:
         time.sleep(step_seconds)
@@ -106,12 +112,12 @@ def main(argv: list[str]) -> int:
         state += value.item()
         step += 1
         if rank == 0:
-            print(f"step {step}/{steps}", flush=True)
+            _say(f"step {step}/{steps}")
         stop = torch.tensor([1.0 if _STOP["signal"] else 0.0])
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item() and step < steps:
             _save(ckpt, step, rank, state)
-            print(f"[rank {rank}] preempted: saved checkpoint at step {step}", flush=True)
+            _say(f"[rank {rank}] preempted: saved checkpoint at step {step}")
             dist.destroy_process_group()
             return 0
         if interval and step % interval == 0:
@@ -120,7 +126,7 @@ def main(argv: list[str]) -> int:
     _save(ckpt, step, rank, state)
     if rank == 0:
         (ckpt / "COMPLETED").write_text(f"{step}\n")
-        print(f"training complete at step {step}", flush=True)
+        _say(f"training complete at step {step}")
     dist.destroy_process_group()
     return 0
 
