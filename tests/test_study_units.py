@@ -41,6 +41,18 @@ def test_child_env_is_a_fresh_world():
     assert "MASTER_PORT" not in env and env["OMP_NUM_THREADS"] == "2"
 
 
+def test_published_train_config_has_no_checkout_paths():
+    root = os.path.join(os.sep, "some", "checkout")
+    cfg = {"data": {"paths": [os.path.join(root, "runs", "a.jsonl"), "/elsewhere/b.jsonl"],
+                    "tokenizer_path": os.path.join(root, "data", "tokenizer"), "seq_length": 128},
+           "checkpoint": {"dir": root + "_other/x"}}
+    out = run_study.portable_paths(cfg, root)
+    assert out == {"data": {"paths": [os.path.join("runs", "a.jsonl"), "/elsewhere/b.jsonl"],
+                            "tokenizer_path": os.path.join("data", "tokenizer"), "seq_length": 128},
+                   "checkpoint": {"dir": root + "_other/x"}}  # a sibling folder is not inside
+    assert cfg["data"]["tokenizer_path"].startswith(root)  # the input is left alone
+
+
 def test_task_split_is_disjoint_and_scoring_is_verified(tmp_path):
     path, items = tasks.split(os.path.join(ROOT, "data"), str(tmp_path), num_test=40, seed=3)
     assert len(items) == 40 and {it.task for it in items} == {"add", "reverse"}

@@ -4,7 +4,8 @@ scratch through the real ``megatron-ift train`` path, then evaluated by acting a
 For every study config (``studies/*.yaml``: a ``study:`` section plus a normal run config) the
 driver prepares the data, trains one run per (lambda, gamma, seed) point as a subprocess
 ``python -m megatron_ift.train`` (``--jobs`` at a time, ``--threads`` torch threads each),
-evaluates each finished checkpoint in this process, and writes ``results.json``, PNG plots and the results table of ``docs/study.md``.
+evaluates each finished checkpoint in this process, and writes ``results.json``, PNG plots and
+the results table of ``docs/study.md``.
 
 * ``frozen_lake``: demonstrations on generated 4x4 lakes; greedy success rate and return on the
   training lakes and on unseen lakes, against a random and the optimal policy on the same lakes.
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import yaml
+
+from megatron_ift.config_io import set_dotted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIGS = ("studies/frozen_lake.yaml", "studies/arithmetic.yaml")
@@ -137,6 +140,18 @@ def train_run(base_config: str, run_dir: str, point: Point, seed: int, threads: 
             tail = fh.read()[-3000:]
         raise RuntimeError(f"training failed (exit {rc}), log {log}:\n{tail}")
     return time.perf_counter() - start
+
+
+def portable_paths(obj: Any, root: str) -> Any:
+    """``obj`` with every string that is a path inside ``root`` made relative to it (for the
+    published results: the checkout's location is not part of the result)."""
+    if isinstance(obj, dict):
+        return {k: portable_paths(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable_paths(v, root) for v in obj]
+    if isinstance(obj, str) and obj.startswith(root.rstrip(os.sep) + os.sep):
+        return os.path.relpath(obj, root)
+    return obj
 
 
 def read_curve(run_dir: str, every: int = 5) -> list[dict]:
@@ -327,13 +342,8 @@ def run_task(config_path: str, args, log) -> dict[str, Any]:
     t0 = time.perf_counter()
     prep = task.prepare()
     run_cfg = copy.deepcopy(run_cfg)
-    for dotted, value in prep["overrides"].items():
-        node = run_cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    run_cfg.setdefault("data", {})["cache_dir"] = os.path.join(work, "cache")
+    for dotted, value in {**prep["overrides"], "data.cache_dir": os.path.join(work, "cache")}.items():
+        set_dotted(run_cfg, dotted, value)
     base = os.path.join(work, "train.yaml")
     with open(base, "w", encoding="utf-8") as fh:
         yaml.safe_dump(run_cfg, fh, sort_keys=False)
@@ -382,7 +392,8 @@ def run_task(config_path: str, args, log) -> dict[str, Any]:
         pool.shutdown(wait=True, cancel_futures=True)  # a failed run stops the queued ones
     return {
         "config_file": os.path.relpath(config_path, ROOT) if os.path.isabs(config_path) else config_path,
-        "study": study, "train_config": run_cfg, "facts": prep["facts"], "baselines": baselines,
+        "study": study, "train_config": portable_paths(run_cfg, ROOT), "facts": prep["facts"],
+        "baselines": baselines,
         "steps": run_cfg["train"]["steps"], "runs": runs,
         "summary": summarise(runs, task.headline), "wall_s": time.perf_counter() - t0,
     }
