@@ -155,10 +155,10 @@ class RunConfig:
         from megatron_ift.models.fp8 import check_fp8_supported
         from megatron_ift.models.gpt import resolve_transformer_impl
 
-        resolve_transformer_impl(self.model)
+        impl = resolve_transformer_impl(self.model)  # raises if TE is asked for and missing
         if self.fp8.enabled:
             check_fp8_supported(self.fp8)
-            if resolve_transformer_impl(self.model) != "transformer_engine":
+            if impl != "transformer_engine":
                 raise ConfigError("fp8.enabled=true needs model.transformer_impl=transformer_engine (or auto)")
 
     def check_paths(self) -> None:
