@@ -29,24 +29,20 @@ sys.path.insert(0, ROOT)
 def _setup(args):
     import torch
 
-    if not torch.cuda.is_available():
-        from megatron_ift import cpu_compat
+    from megatron_ift.parallel import (
+        ParallelConfig,
+        init_distributed,
+        model_parallel_seed,
+        use_cpu_compat_without_cuda,
+    )
 
-        cpu_compat.enable()
+    use_cpu_compat_without_cuda()
     from megatron_ift.models.config import ModelConfig
-    from megatron_ift.parallel import ParallelConfig, init_distributed
     from megatron_ift.training.engine import OptimizerConfig, build_model, build_optimizer
 
     par = ParallelConfig(use_distributed_optimizer=False)
     init_distributed(par)
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(1)
-    else:
-        from megatron_ift import cpu_compat
-
-        cpu_compat.model_parallel_seed(1)
+    model_parallel_seed(1)
     model = ModelConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         num_query_groups=max(1, args.heads // 2), ffn_hidden_size=args.hidden * 3,

@@ -101,6 +101,27 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def use_cpu_compat_without_cuda() -> None:
+    """Without CUDA, run megatron-core through :mod:`megatron_ift.cpu_compat` (call it before
+    megatron-core is imported: it imports it with eager fusions). Does nothing with CUDA."""
+    if not torch.cuda.is_available():
+        from megatron_ift import cpu_compat
+
+        cpu_compat.enable()
+
+
+def model_parallel_seed(seed: int) -> None:
+    """Seed megatron-core's model-parallel RNG streams: its CUDA tracker, or the CPU stand-in."""
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from megatron_ift import cpu_compat
+
+        cpu_compat.model_parallel_seed(seed)
+
+
 def init_distributed(cfg: ParallelConfig) -> None:
     """Initialise torch.distributed (from torchrun's environment) and megatron-core's groups.
 

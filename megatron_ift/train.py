@@ -13,12 +13,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
 
-    import torch
+    from megatron_ift.parallel import use_cpu_compat_without_cuda
 
-    if not torch.cuda.is_available():  # before megatron-core is imported (see cpu_compat)
-        from megatron_ift import cpu_compat
-
-        cpu_compat.enable()
+    use_cpu_compat_without_cuda()  # before megatron-core is imported
     from megatron_ift.training.config import load_run_config
     from megatron_ift.training.loop import Trainer
     from megatron_ift.validation import ConfigError

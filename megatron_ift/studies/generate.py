@@ -21,21 +21,16 @@ def _init_once() -> None:
     global _INITIALISED
     if _INITIALISED:
         return
-    from megatron_ift.parallel import ParallelConfig, init_distributed
+    from megatron_ift.parallel import (
+        ParallelConfig,
+        init_distributed,
+        model_parallel_seed,
+        use_cpu_compat_without_cuda,
+    )
 
-    if not torch.cuda.is_available():
-        from megatron_ift import cpu_compat
-
-        cpu_compat.enable()
+    use_cpu_compat_without_cuda()
     init_distributed(ParallelConfig())
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-    else:
-        from megatron_ift import cpu_compat
-
-        cpu_compat.model_parallel_seed(0)
+    model_parallel_seed(0)
     _INITIALISED = True
 
 

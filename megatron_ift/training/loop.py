@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_ift.checkpoint import layout
 from megatron_ift.config_io import dump_yaml, to_dict
+from megatron_ift.parallel import model_parallel_seed, use_cpu_compat_without_cuda
 from megatron_ift.training.config import RunConfig
 from megatron_ift.validation import ConfigError
 
@@ -53,16 +54,9 @@ def _print(*args) -> None:
 
 def _seed_step(seed: int, step: int) -> None:
     """All randomness of a step derives from (seed, step): resume reproduces it exactly."""
-    from megatron.core import tensor_parallel
-
     s = (seed * 1_000_003 + step) % (2**31 - 1)
     torch.manual_seed(s)
-    if torch.cuda.is_available():
-        tensor_parallel.model_parallel_cuda_manual_seed(s)
-    else:
-        from megatron_ift import cpu_compat
-
-        cpu_compat.model_parallel_seed(s)
+    model_parallel_seed(s)
 
 
 def _peak_memory_gb() -> float:
@@ -125,10 +119,7 @@ class Trainer:
         cfg.check_paths()
         cfg.check_hardware()
         self.resume_from = check_run_directory(cfg)
-        if not torch.cuda.is_available():
-            from megatron_ift import cpu_compat
-
-            cpu_compat.enable()
+        use_cpu_compat_without_cuda()
 
     def setup(self) -> None:
         from megatron.core import parallel_state
