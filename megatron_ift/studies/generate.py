@@ -34,6 +34,15 @@ def _init_once() -> None:
     _INITIALISED = True
 
 
+def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[b, s]`` right-padded to the longest sequence, and their positions ``[b, s]``."""
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(list(s), dtype=torch.int64)
+    return tokens, torch.arange(width, dtype=torch.int64).expand(len(seqs), width)
+
+
 class LoadedModel:
     """A trained GPT in evaluation mode.
 
@@ -69,12 +78,7 @@ class LoadedModel:
         lengths = [len(s) for s in seqs]
         if min(lengths) < 1 or max(lengths) > self.max_length:
             raise ValueError(f"sequence lengths must be in [1, {self.max_length}], got {lengths}")
-        width = max(lengths)
-        tokens = torch.full((len(seqs), width), pad_id, dtype=torch.int64)  # [b, s]
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = torch.tensor(list(s), dtype=torch.int64)
-        positions = torch.arange(width, dtype=torch.int64).expand(len(seqs), width)  # [b, s]
-        logits = self.model(tokens, positions, None)  # [b, s, padded_vocab]
+        logits = self.model(*_right_padded(seqs, pad_id), None)  # [b, s, padded_vocab]
         last = torch.tensor(lengths) - 1
         return logits[torch.arange(len(seqs)), last, : self.vocab_size].float()  # [b, v]
 
@@ -87,10 +91,7 @@ class LoadedModel:
             width = max(len(s) for s in chunk)
             if width > self.max_length:
                 raise ValueError(f"a sequence of {width} tokens exceeds {self.max_length} positions")
-            tokens = torch.zeros((len(chunk), width), dtype=torch.int64)  # [b, s]
-            for i, s in enumerate(chunk):
-                tokens[i, : len(s)] = torch.tensor(list(s), dtype=torch.int64)
-            positions = torch.arange(width, dtype=torch.int64).expand(len(chunk), width)
+            tokens, positions = _right_padded(chunk)
             logits = self.model(tokens, positions, None)[..., : self.vocab_size].float()  # [b, s, v]
             logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
             out += [logp[i, : len(s) - 1] for i, s in enumerate(chunk)]
