@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("megatron_ift.train", "train a model (IFT or SFT) from a YAML config"),
     "convert": ("megatron_ift.convert.cli", "Hugging Face <-> Megatron checkpoint conversion"),
     "preprocess": ("megatron_ift.data.preprocess", "jsonl text -> Megatron indexed .bin/.idx"),
+    "generate": ("megatron_ift.inference.cli", "chat with / generate from a checkpoint (any TP/PP)"),
     "plan": ("megatron_ift.planning.cli", "memory and parallel-layout planner"),
 }
 

@@ -106,6 +106,21 @@ def _training_origin(meta: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return origin.get("hf") or {}, tokenizers
 
 
+def tokenizer_candidates(ckpt_dir: str, meta: dict[str, Any]) -> list[str]:
+    """Where a checkpoint's tokenizer may be, in order: ``tokenizer/`` beside it (an import),
+    the training run's ``data.tokenizer_path``, the ``tokenizer/`` of its pretrained import.
+
+    Args:
+        ckpt_dir: the ``iter_*`` folder.
+        meta: its ``megatron_ift.json``.
+
+    Returns:
+        Candidate folders (not checked for existence).
+    """
+    return [os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), TOKENIZER_DIR),
+            *_training_origin(meta)[1]]
+
+
 def _load_hf_config(path: str) -> dict[str, Any]:
     """A ``config.json`` file, or the HF config recorded in an imported checkpoint folder."""
     if os.path.isdir(path):
@@ -175,7 +190,7 @@ def export_hf(
     except CheckpointError as exc:
         raise ConversionError(str(exc)) from exc
     cfg = load_model_config(meta)
-    origin_hf, origin_tokenizers = _training_origin(meta)
+    origin_hf, _ = _training_origin(meta)
     hf_meta = meta.get("hf") or origin_hf
     architecture = get_architecture(
         arch or hf_meta.get("arch") or ("qwen2" if cfg.add_qkv_bias else "llama")
@@ -183,8 +198,7 @@ def export_hf(
     base = _load_hf_config(hf_config) if hf_config is not None else hf_meta.get("config")
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {tuple(TORCH_DTYPES)}")
-    candidates = [os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), TOKENIZER_DIR)]
-    candidates += origin_tokenizers
+    candidates = tokenizer_candidates(ckpt_dir, meta)
     tokenizer_dir = tokenizer or next((c for c in candidates if os.path.isdir(c)), None)
     if copy_tokenizer and (tokenizer_dir is None or not os.path.isdir(tokenizer_dir)):
         raise ConversionError(

@@ -172,11 +172,55 @@ class RunConfig:
                 raise ConfigError(f"data.paths: {p} does not exist")
         if self.data.tokenizer_path and not os.path.isdir(self.data.tokenizer_path):
             raise ConfigError(f"data.tokenizer_path: {self.data.tokenizer_path} is not a folder")
-        if self.checkpoint.pretrained and not os.path.exists(self.checkpoint.pretrained):
-            raise ConfigError(f"checkpoint.pretrained: {self.checkpoint.pretrained} does not exist")
+        if self.checkpoint.pretrained:
+            if not os.path.exists(self.checkpoint.pretrained):
+                raise ConfigError(f"checkpoint.pretrained: {self.checkpoint.pretrained} does not exist")
+            from megatron_ift.checkpoint.architecture import (
+                check_checkpoint_architecture,
+                recorded_model,
+            )
+            from megatron_ift.checkpoint.layout import CheckpointError
+
+            try:  # a rope base or norm eps changes no shape: refuse before loading silently
+                ckpt, _ = recorded_model(self.checkpoint.pretrained)
+                check_checkpoint_architecture(ckpt, self.model)
+            except CheckpointError as exc:
+                raise ConfigError(f"checkpoint.pretrained: {exc}") from exc
+
+
+def resolve_model_section(data: dict) -> dict:
+    """Fill ``model:`` from ``checkpoint.pretrained``'s recorded architecture, in place.
+
+    With a pretrained start that exists, the recorded architecture is the model; the keys the
+    config sets are kept only if they are run-time keys or agree with it (else ConfigError
+    naming each). Without one (or when the path is not there yet and ``model:`` is given, as in
+    a preset validated before its import exists) the section is used as written.
+    """
+    from megatron_ift.checkpoint.architecture import model_section_from_checkpoint
+
+    pretrained = (data.get("checkpoint") or {}).get("pretrained")
+    user = data.get("model")
+    if user is not None and not isinstance(user, dict):
+        raise ConfigError(f"model must be a mapping of ModelConfig fields, got {user!r}")
+    if not pretrained:
+        if user is None:
+            raise ConfigError("missing required key 'model': set the model: section, or "
+                              "checkpoint.pretrained to take the architecture from a checkpoint")
+        return data
+    if not os.path.exists(pretrained):
+        if user is None:
+            raise ConfigError(
+                f"checkpoint.pretrained: {pretrained} does not exist, and the model "
+                "architecture is read from it; import the model first (megatron-ift convert "
+                "import-hf HF_DIR OUT) or fix the path"
+            )
+        return data
+    data["model"] = model_section_from_checkpoint(pretrained, user or {})
+    return data
 
 
 def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read ``path`` (YAML), apply ``section.key=value`` overrides, validate everything."""
-    data = apply_overrides(load_yaml(path), overrides)
+    """Read ``path`` (YAML), apply ``section.key=value`` overrides, take the model architecture
+    from ``checkpoint.pretrained`` when set, validate everything."""
+    data = resolve_model_section(apply_overrides(load_yaml(path), overrides))
     return from_dict(RunConfig, data)

@@ -1,0 +1,180 @@
+"""``megatron-ift generate CHECKPOINT``: chat with a run or an imported checkpoint.
+
+One process (TP1/PP1), or under torchrun at any TP x PP (the world size must equal TP x PP)::
+
+    megatron-ift generate runs/smollm2_135m_ift --prompt "What is 2 + 3?"
+    torchrun --nproc-per-node 6 -m megatron_ift.inference.cli runs/smollm2_135m_ift --tp 3 --pp 2 \\
+        --prompt "What is 2 + 3?" --temperature 0.7 --top-p 0.9
+
+Prompts are user messages wrapped in the tokenizer's chat template (``--raw``: plain text).
+Without ``--prompt``/``--prompts-file`` in one process it reads prompts interactively and keeps
+the conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megatron-ift generate",
+        description="Generate from a megatron-ift run directory or imported checkpoint (any "
+        "TP/PP layout; megatron-core's KV cache). Greedy by default; sampling with "
+        "--temperature/--top-p. Each answer stops at the tokenizer's EOS.",
+    )
+    p.add_argument("checkpoint", help="run directory, iter_* folder or import-hf output")
+    p.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
+    p.add_argument("--prompts-file", default=None,
+                   help="jsonl: one {\"messages\": [...]} or {\"prompt\": \"...\"} per line")
+    p.add_argument("--system", default=None, help="system message put before each prompt")
+    p.add_argument("--raw", action="store_true", help="no chat template: prompts are plain text")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (default: found from the checkpoint)")
+    p.add_argument("--output", default=None,
+                   help="write {prompt, response, tokens} per line to this jsonl file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _conversations(args: argparse.Namespace) -> list[list[dict[str, str]]]:
+    from megatron_ift.validation import ConfigError
+
+    convs = [[{"role": "user", "content": text}] for text in args.prompt]
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise ConfigError(f"--prompts-file {args.prompts_file} does not exist")
+        with open(args.prompts_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if "messages" in row:
+                    convs.append(list(row["messages"]))
+                elif "prompt" in row:
+                    convs.append([{"role": "user", "content": row["prompt"]}])
+                else:
+                    raise ConfigError(f"{args.prompts_file}:{n} has neither 'messages' nor "
+                                      "'prompt'")
+    if args.system:
+        convs = [[{"role": "system", "content": args.system}] + c for c in convs]
+    return convs
+
+
+def encode(tokenizer: Any, conversation: list[dict[str, str]], raw: bool,
+           tokenizer_dir: str) -> list[int]:
+    """Token ids of one prompt: chat template with the assistant's turn opened, or raw text.
+
+    Raises:
+        ConfigError: the tokenizer has no chat template (and ``raw`` is off).
+    """
+    from megatron_ift.validation import ConfigError
+
+    if raw:
+        return tokenizer("\n".join(m["content"] for m in conversation),
+                         add_special_tokens=True)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"the tokenizer in {tokenizer_dir} has no chat template "
+                          "(chat_template.jinja or tokenizer_config.json); pass --raw, or "
+                          "--tokenizer a folder with one")
+    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, load, generate, print. Returns the exit status (0 ok, 2 refused)."""
+    args = build_parser().parse_args(argv)
+    from megatron_ift.parallel import use_cpu_compat_without_cuda
+
+    use_cpu_compat_without_cuda()  # before megatron-core is imported
+    from megatron_ift.checkpoint.layout import CheckpointError
+    from megatron_ift.validation import ConfigError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        from megatron_ift.inference.sampling import SamplingConfig
+
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        if args.tp * args.pp != world:
+            raise ConfigError(
+                f"--tp {args.tp} x --pp {args.pp} needs {args.tp * args.pp} processes, this is "
+                f"{world}; run under torchrun --nproc-per-node {args.tp * args.pp}"
+            )
+        convs = _conversations(args)
+        if not convs and world > 1:
+            raise ConfigError("interactive chat runs in one process; pass --prompt or "
+                              "--prompts-file under torchrun")
+        return _run(args, sampling, convs)
+    except (ConfigError, CheckpointError, ValueError) as exc:
+        print(f"megatron-ift generate: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        from megatron_ift.parallel import destroy_distributed
+
+        destroy_distributed()
+
+
+def _run(args: argparse.Namespace, sampling, convs: list[list[dict[str, str]]]) -> int:
+    import torch.distributed as dist
+
+    from megatron_ift.data.tokenizer import load_tokenizer
+    from megatron_ift.inference.decoder import KVCacheDecoder
+    from megatron_ift.inference.loading import find_tokenizer, load_for_inference, stop_token_ids
+    from megatron_ift.parallel import ParallelConfig, init_distributed, model_parallel_seed
+
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tp,
+                              pipeline_model_parallel_size=args.pp)
+    init_distributed(parallel)
+    model_parallel_seed(args.seed)
+    model, cfg, ckpt = load_for_inference(args.checkpoint, parallel)
+    tokenizer_dir = find_tokenizer(ckpt, args.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    stops = stop_token_ids(tokenizer, tokenizer_dir)
+    decoder = KVCacheDecoder(model, cfg, progress=not args.no_progress)
+    rank0 = dist.get_rank() == 0
+
+    if not convs:  # interactive, one process
+        history: list[dict[str, str]] = [{"role": "system", "content": args.system}] \
+            if args.system else []
+        print(f"chatting with {ckpt} (empty line or Ctrl-D ends)")
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            history.append({"role": "user", "content": line.strip()})
+            (new,) = decoder.generate([encode(tokenizer, history, args.raw, tokenizer_dir)],
+                                      sampling, stops)
+            answer = tokenizer.decode(new, skip_special_tokens=True)
+            history.append({"role": "assistant", "content": answer})
+            print(answer, flush=True)
+        return 0
+
+    prompts = [encode(tokenizer, c, args.raw, tokenizer_dir) for c in convs]
+    outputs = decoder.generate(prompts, sampling, stops)
+    if rank0:
+        records = [{"messages": c, "response": tokenizer.decode(o, skip_special_tokens=True),
+                    "tokens": o, "prompt_tokens": len(p)}
+                   for c, p, o in zip(convs, prompts, outputs)]
+        for r in records:
+            print(f"user: {r['messages'][-1]['content']}\nassistant: {r['response']}\n", flush=True)
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

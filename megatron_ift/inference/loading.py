@@ -1,0 +1,91 @@
+"""Load a checkpoint for generation: this rank's model chunk and the checkpoint's tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import torch
+
+from megatron_ift.checkpoint import layout
+from megatron_ift.checkpoint.architecture import recorded_model
+from megatron_ift.checkpoint.layout import CheckpointError
+from megatron_ift.models.config import ModelConfig
+from megatron_ift.parallel import ParallelConfig
+
+
+def model_config_of(ckpt_dir: str, recorded: dict[str, Any]) -> ModelConfig:
+    """The recorded ModelConfig, dropout off (generation), fields of newer versions ignored."""
+    from megatron_ift.config_io import from_dict
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = from_dict(ModelConfig, {k: v for k, v in recorded.items() if k in known})
+    return dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def load_for_inference(path: str, parallel: Optional[ParallelConfig] = None
+                       ) -> tuple[torch.nn.Module, ModelConfig, str]:
+    """Build this rank's model chunk and load ``path`` into it, in evaluation mode.
+
+    Needs megatron-core's process groups for ``parallel``
+    (:func:`megatron_ift.parallel.init_distributed`); collective over all ranks.
+
+    Args:
+        path: a run directory (its ``latest`` checkpoint), an ``iter_*`` folder, or an
+            imported checkpoint (``megatron-ift convert import-hf`` output).
+        parallel: the layout (TP/PP; no virtual pipeline); default one process.
+
+    Returns:
+        (model chunk, its ModelConfig, the checkpoint folder).
+
+    Raises:
+        CheckpointError: no checkpoint there, or no recorded architecture.
+    """
+    from megatron_ift.checkpoint.model_io import load_model
+    from megatron_ift.models.gpt import build_gpt_chunks
+
+    parallel = parallel or ParallelConfig()
+    if parallel.vpp > 1:
+        raise CheckpointError("generation does not use virtual pipeline stages; load with "
+                              "virtual_pipeline_model_parallel_size unset")
+    ckpt, recorded = recorded_model(path)
+    cfg = model_config_of(ckpt, recorded)
+    (model,) = build_gpt_chunks(cfg, parallel)
+    load_model([model], ckpt)
+    model.eval()
+    return model, cfg, ckpt
+
+
+def find_tokenizer(ckpt_dir: str, explicit: Optional[str] = None) -> str:
+    """The tokenizer folder of a checkpoint (or ``explicit``).
+
+    Raises:
+        CheckpointError: none found (the message lists where it looked and the fix).
+    """
+    from megatron_ift.convert.export_hf import tokenizer_candidates
+
+    if explicit:
+        if not os.path.isdir(explicit):
+            raise CheckpointError(f"--tokenizer {explicit} is not a folder")
+        return explicit
+    candidates = tokenizer_candidates(ckpt_dir, layout.read_metadata(ckpt_dir))
+    found = next((c for c in candidates if os.path.isdir(c)), None)
+    if found is None:
+        raise CheckpointError(f"no tokenizer folder for {ckpt_dir} (tried {candidates}); pass "
+                              "--tokenizer DIR (e.g. the imported checkpoint's tokenizer/)")
+    return found
+
+
+def stop_token_ids(tokenizer: Any, tokenizer_dir: str) -> list[int]:
+    """EOS ids: the tokenizer's and those of ``generation_config.json`` beside it, if any."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = os.path.join(tokenizer_dir, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    return sorted(ids)
