@@ -70,6 +70,10 @@ class ModelConfig:
     """Parameter / compute dtype: float32, bfloat16 (mixed precision) or float16."""
     transformer_impl: str = "auto"
     """``local`` (megatron-core modules), ``transformer_engine``, or ``auto`` (TE when usable)."""
+    attention_backend: str = "auto"
+    """Core attention of the local spec: ``sdpa`` (PyTorch's fused scaled-dot-product kernel,
+    :mod:`megatron_ift.models.attention`), ``local`` (megatron-core's unfused
+    ``DotProductAttention``), or ``auto`` (sdpa; Transformer Engine's own when its spec is used)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -85,6 +89,12 @@ class ModelConfig:
         check_choice("model.params_dtype", self.params_dtype, DTYPES)
         check_choice("model.transformer_impl", self.transformer_impl,
                      ("auto", "local", "transformer_engine"))
+        check_choice("model.attention_backend", self.attention_backend, ("auto", "sdpa", "local"))
+        if self.transformer_impl == "transformer_engine" and self.attention_backend != "auto":
+            raise ConfigError(
+                f"model.attention_backend={self.attention_backend!r} applies to the local spec; "
+                "with model.transformer_impl=transformer_engine leave it at 'auto'"
+            )
         check_range("model.hidden_dropout", self.hidden_dropout, 0.0, 1.0, high_inclusive=False)
         check_range("model.attention_dropout", self.attention_dropout, 0.0, 1.0,
                     high_inclusive=False)

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ift.models.attention import SDPAttention
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.models.norm import TorchNorm
 from megatron_ift.parallel import ParallelConfig
@@ -116,14 +117,26 @@ def transformer_config(
 
 
 def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: Optional[int]) -> ModuleSpec:
-    """Block spec for this stage's layers (TE spec on GPU, local spec + torch norms otherwise)."""
+    """Block spec for this stage's layers.
+
+    TE spec on GPU; otherwise the local spec with torch norms and, unless
+    ``model.attention_backend`` is ``local``, fused SDPA core attention
+    (:class:`megatron_ift.models.attention.SDPAttention`).
+    """
     if resolve_transformer_impl(model) == "transformer_engine":
+        if model.attention_backend != "auto":
+            raise ConfigError(
+                f"model.attention_backend={model.attention_backend!r} applies to the local spec; "
+                "the Transformer Engine spec uses TE's fused attention (leave it at 'auto')"
+            )
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
     layer = get_gpt_layer_local_spec(normalization=model.normalization)
+    if model.attention_backend in ("auto", "sdpa"):
+        layer.submodules.self_attention.submodules.core_attention = SDPAttention
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
     num = get_num_layers_to_build(config, vp_stage=vp_stage)

@@ -1,0 +1,157 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` (no Transformer Engine).
+
+megatron-core's local ``DotProductAttention`` materialises the ``[b, np, s, s]`` scores, applies
+an explicit mask, a separate softmax and dropout, then a second batched GEMM; it also repeats
+the key/value heads for grouped-query attention. :class:`SDPAttention` is a drop-in
+``core_attention`` submodule (same constructor and ``forward`` signature as megatron-core
+0.16.1's ``DotProductAttention``) that hands the whole computation to PyTorch's fused kernel
+(flash attention on CPU and CUDA, memory-efficient attention otherwise):
+
+* unpacked rows (``attention_mask is None``, causal mask type): ``is_causal=True``, no mask
+  tensor at all;
+* packed rows: megatron's ``[b, 1, s, s]`` boolean mask (True = masked, causality included, see
+  :func:`megatron_ift.data.packing.packed_attention_mask`) is passed as SDPA's ``attn_mask``
+  (True = attend). On this CPU the fused kernel with a block mask is as fast as the causal one
+  and exact; a per-segment varlen loop or flex attention would only add Python work here;
+* grouped-query attention via ``enable_gqa`` (no repeated key/value copies);
+* attention dropout via ``dropout_p`` in training mode, under megatron-core's model-parallel RNG
+  tracker like the local module (different random stream, same distribution).
+
+Select it with ``model.attention_backend`` (``auto``: this module whenever the Transformer
+Engine spec is not used).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Fused scaled-dot-product core attention for megatron-core's local layer spec.
+
+    Args (as megatron-core's ``DotProductAttention``):
+        config: the transformer config.
+        layer_number: 1-based layer index (only checked for window attention).
+        attn_mask_type: ``causal`` (decoder self-attention) or ``padding`` / ``no_mask``.
+        attention_type: ``self`` or ``cross`` (unused, as in megatron-core).
+        attention_dropout: dropout probability (default: ``config.attention_dropout``).
+        softmax_scale: scale of the scores (default: ``1 / sqrt(head_dim)``).
+        cp_comm_type: context-parallel communication (context parallelism is not supported).
+        pg_collection: process groups; needs ``tp``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "model.attention_backend=sdpa does not support context parallelism; use "
+                "model.transformer_impl=transformer_engine"
+            )
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+            raise ValueError("model.attention_backend=sdpa does not support sliding-window attention")
+        if config.softmax_type != "vanilla":
+            raise ValueError(
+                f"model.attention_backend=sdpa supports only the vanilla softmax, not "
+                f"{config.softmax_type!r}"
+            )
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        world = pg_collection.tp.size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        head_dim = config.kv_channels
+        self.num_heads = divide(config.num_attention_heads, world)
+        self.num_groups = divide(config.num_query_groups, world)
+        self.hidden_size_per_partition = self.num_heads * head_dim
+        # apply_query_key_layer_scaling divides the scale by the layer number and multiplies the
+        # scores back in the softmax (an fp16 range trick): the net scale is the plain one.
+        self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        """Attention context of this rank's heads.
+
+        Args:
+            query: ``[sq, b, np/tp, hn]``.
+            key, value: ``[sk, b, ng/tp, hn]``.
+            attention_mask: None (causal from ``attn_mask_type``) or megatron's boolean
+                ``[b or 1, 1, sq, sk]`` mask, True where attention is not allowed.
+            attn_mask_type: overrides the module's mask type for this call.
+            attention_bias, packed_seq_params: not supported (as in ``DotProductAttention``).
+
+        Returns:
+            context ``[sq, b, np/tp * hn]``.
+        """
+        if packed_seq_params is not None:
+            raise ValueError(
+                "SDPAttention takes packed rows as a block mask (attention_mask), not "
+                "packed_seq_params (THD layout is Transformer Engine's)"
+            )
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention_bias")
+        mask_type = attn_mask_type or self.attn_mask_type
+        sq, sk = query.shape[0], key.shape[0]
+        # [s, b, n, hn] -> [b, n, s, hn]; SDPA accepts the strided views.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask = None
+        is_causal = False
+        if attention_mask is not None:
+            mask = ~attention_mask  # megatron: True = masked; SDPA: True = attend
+        elif mask_type == AttnMaskType.causal and sq > 1:
+            if sq != sk:
+                raise ValueError("a causal mask without a mask tensor needs sq == sk")
+            is_causal = True
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            # Heads differ across TP ranks: draw their dropout from the model-parallel stream,
+            # as megatron-core's DotProductAttention does.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = self._sdpa(q, k, v, mask, is_causal, dropout_p)
+        else:
+            context = self._sdpa(q, k, v, mask, is_causal, dropout_p)
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, q.shape[0], self.hidden_size_per_partition)
+
+    def _sdpa(self, q, k, v, mask, is_causal: bool, dropout_p: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=self.softmax_scale,
+            enable_gqa=self.num_heads != self.num_groups,
+        )
