@@ -9,9 +9,13 @@ is off. Notation: ``n = s * b`` tokens, ``n_sp = n / tp`` under sequence paralle
 Two implementations are modelled:
 
 * ``local``: megatron-core's local layer spec with torch norms, what runs on the CPU here. Its
-  norms upcast to fp32 and its unfused attention keeps ``b * a * s^2`` softmax tensors. These
-  terms are checked byte for byte against ``torch.autograd.graph.saved_tensors_hooks`` on real
-  models (tests/test_plan_memory.py).
+  norms upcast to fp32. Its core attention is either PyTorch's fused SDPA
+  (``model.attention_backend`` auto / sdpa: q, k, the qkv output that v views, the kernel's
+  output (which the output projection reads as a view) and fp32 log-sum-exp statistics;
+  grouped k / v are never expanded) or megatron-core's
+  unfused ``DotProductAttention`` (``local``: expanded k / v and ``b * a * s^2`` softmax
+  tensors). These terms are checked byte for byte against
+  ``torch.autograd.graph.saved_tensors_hooks`` on real models (tests/test_plan_memory.py).
 * ``transformer_engine``: the GPU path (TE's fused norm + linear and fused/flash attention). Its
   norm and attention terms are derived from Transformer Engine's saved tensors (input, ``ln_out``
   and ``rstd``; ``q``, ``k``, ``v``, output and the fp32 softmax statistics), not measured: no GPU
@@ -115,6 +119,12 @@ def layer_terms(model: ModelConfig, mb: MicroBatch, recompute: str = "none") -> 
         terms["q, k (checkpointed)"] = n * (a + g) * d * p
         terms["qkv output (v view)"] = qkv_storage
         terms["mask type (int32)"] = 4
+    elif local and model.attention_backend != "local":
+        terms["q, k"] = n * (a + g) * d * p
+        terms["qkv output (v view)"] = qkv_storage
+        # The kernel's output is also the "attention output" below: its [b, s, a, d] storage
+        # viewed as [s, b, a * d] is what the output projection saves.
+        terms["softmax statistics (fp32)"] = 4 * b * a * s
     elif local:
         terms["q, k (expanded)"] = 2 * n * a * d * p
         terms["v"] = n * a * d * p if a > g else qkv_storage

@@ -153,6 +153,11 @@ ACTIVATION_CASES = {
     "acts tp2 sp full": (dict(tensor_model_parallel_size=2, sequence_parallel=True), "full", 16, 2),
     "acts tp2 no sp": (dict(tensor_model_parallel_size=2), "none", 24, 1),
     "acts dp2 mha": (dict(), "none", 16, 3),
+    # megatron-core's unfused DotProductAttention (model.attention_backend=local); the cases
+    # above run the default fused SDPA core attention.
+    "acts tp2 sp none unfused": (dict(tensor_model_parallel_size=2, sequence_parallel=True),
+                                 "none", 16, 2),
+    "acts dp2 mha unfused": (dict(), "none", 16, 3),
 }
 
 
@@ -160,7 +165,8 @@ def check_activations(name: str, layout: dict, recompute: str, seq: int, mbs: in
                       mha: bool) -> str:
     par = ParallelConfig(**layout)
     kw = dict(BASE, num_query_groups=4) if mha else BASE
-    model = ModelConfig(**kw, params_dtype="bfloat16")
+    model = ModelConfig(**kw, params_dtype="bfloat16",
+                        attention_backend="local" if name.endswith("unfused") else "auto")
     init_distributed(par)
     cpu_compat.model_parallel_seed(1234)
     extra = {}
@@ -213,7 +219,7 @@ def main(argv: list[str]) -> int:
     for name, (layout, recompute, seq, mbs) in ACTIVATION_CASES.items():
         if name in selected:
             detail = check_activations(name, dict(layout), recompute, seq, mbs,
-                                       mha=name.endswith("mha"))
+                                       mha=" mha" in name)
             if dist.get_rank() == 0:
                 print(f"CASE {name} OK {detail}", flush=True)
     if dist.get_rank() == 0:
