@@ -71,3 +71,12 @@ def test_fused_chunked_vocab_parallel_equals_single_rank(tmp_path, world):
     for (dtype, chunk), got in saved["results"].items():
         for a, b in zip(got, ref):
             assert close(a.double(), b, TOL[dtype]), (dtype, chunk)
+
+
+def test_chunk_size_key_is_validated():
+    from megatron_ift.ift import IFTConfig
+    from megatron_ift.validation import ConfigError
+
+    assert IFTConfig().logprob_chunk_size == 1024
+    with pytest.raises(ConfigError, match="ift.logprob_chunk_size=0"):
+        IFTConfig(logprob_chunk_size=0)

@@ -69,6 +69,12 @@ class IFTConfig:
     """Batch loss: mean of per-sample losses (reference) or ``token_mean`` (Megatron SFT)."""
     seed: int = 1234
     """Seed of the lambda disturbance and of the sampling estimators."""
+    logprob_chunk_size: int = 1024
+    """Trained positions per chunk of the optimisation pass's output layer + log-probs (fused,
+    :func:`megatron_ift.ift.logprobs.linear_label_logprobs`): no rank holds more than this many
+    rows of fp32 logits over its vocabulary shard, forward or backward. One chunk keeps its
+    logits for backward; several recompute theirs (one more output-layer GEMM). A performance
+    setting only: results do not depend on it."""
 
     def __post_init__(self) -> None:
         check_choice("ift.estimator", self.estimator, ESTIMATORS)
@@ -86,6 +92,7 @@ class IFTConfig:
         check_range("ift.disturb_std", self.disturb_std, 0.0)
         check_range("ift.gamma", self.gamma, 0.0, 1.0)
         check_positive_int("ift.warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive_int("ift.logprob_chunk_size", self.logprob_chunk_size)
         if not isinstance(self.detach_weights, bool):
             raise ConfigError(f"ift.detach_weights={self.detach_weights!r} must be true or false")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
