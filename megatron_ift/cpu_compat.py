@@ -162,8 +162,11 @@ def _forked_write_results_queue():
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    from megatron_ift.child_processes import start_manager
+
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        # The manager process dies with the trainer (it would otherwise outlive a kill -9).
+        filesystem_async._results_queue = start_manager(multiprocessing.get_context("fork")).Queue()
     return filesystem_async._results_queue
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from megatron_ift.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
+__all__ = ["ConfigError", "check_choice", "check_range", "check_positive_int"]
 
 
 def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:

@@ -251,7 +251,7 @@ def test_export_is_independent_of_the_saved_layout(converted, name):
 def test_export_refuses_a_mismatching_architecture(converted, tmp_path, capsys):
     out = str(tmp_path / "wrong")
     assert cli.main(["export-hf", converted["imp"]["llama"], out, "--arch", "qwen2",
-                     "--no-progress"]) == 1
+                     "--no-progress"]) == 5  # ConversionError's exit code
     err = capsys.readouterr().err
     assert "add_qkv_bias=False does not fit Qwen2ForCausalLM" in err and "--arch llama" in err
     assert not os.path.exists(out)

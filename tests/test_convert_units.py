@@ -254,9 +254,9 @@ def test_conversions_refuse_a_non_empty_output_folder(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    assert cli.main(["import-hf", hf, str(out), "--no-progress"]) == 1
+    assert cli.main(["import-hf", hf, str(out), "--no-progress"]) == 5
     assert "exists and is not empty; choose a new folder or delete it" in capsys.readouterr().err
-    assert cli.main(["export-hf", hf, str(out), "--no-progress"]) == 1
+    assert cli.main(["export-hf", hf, str(out), "--no-progress"]) == 5
     assert "is not empty" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
 

@@ -10,7 +10,23 @@ import time
 import pytest
 
 from dist_utils import ROOT
-from train_utils import DEMO, losses, single_process
+from train_utils import DEMO, FAST, losses, single_process
+
+HARDENING_WORKER = os.path.join(ROOT, "tests", "workers", "hardening_train.py")
+
+
+def _worker_process(run_dir: str, *overrides: str, env=None) -> subprocess.Popen:
+    """Like ``single_process`` but through the fault-injection worker (tests/workers)."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    cmd = [sys.executable, HARDENING_WORKER, "--config", DEMO, f"checkpoint.dir={run_dir}",
+           "parallel.tensor_model_parallel_size=1", *FAST, *overrides]
+    log_path = f"{run_dir}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    proc.log_path = log_path
+    return proc
 
 
 def _output(proc: subprocess.Popen) -> str:
@@ -71,8 +87,8 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
 @pytest.mark.timeout(900)
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
-    env = {"MEGATRON_IFT_FAULT_INJECTION": "kill_before_commit:4"}
-    proc = single_process(str(run), "train.steps=6", "checkpoint.save_interval=2", env=env)
+    env = {"HARDENING_KILL_AT_COMMIT": "4"}
+    proc = _worker_process(str(run), "train.steps=6", "checkpoint.save_interval=2", env=env)
     code, out = _finish(proc)
     assert code == -signal.SIGKILL, out
     assert open(run / "latest").read().strip() == "iter_0000002"
@@ -95,6 +111,7 @@ def test_refuses_to_overwrite_another_run(tmp_path):
     assert code == 0, out
     code, out = _finish(single_process(str(run), "train.steps=3", "model.num_layers=2"))
     assert code == 2 and "holds checkpoints of another run" in out, out
+    assert "model.num_layers 4 -> 2" in out, out  # names what differs
     code, out = _finish(single_process(str(run), "train.steps=3", "model.num_layers=2",
                                        "checkpoint.overwrite=true"))
     assert code == 0, out
@@ -121,4 +138,5 @@ def test_bad_config_fails_before_model_construction(args, env, needle, tmp_path)
     r = _cli(f"checkpoint.dir={tmp_path}", "parallel.tensor_model_parallel_size=1", *args, env=env)
     assert r.returncode == 2, r.stdout + r.stderr
     assert needle in r.stderr, r.stderr
-    assert "resolved config" not in r.stdout  # nothing was built
+    assert "parameters; TP" not in r.stdout  # nothing was built (no run summary)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr  # one line

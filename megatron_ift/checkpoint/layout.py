@@ -22,14 +22,12 @@ import re
 import shutil
 from typing import Any, Optional
 
+from megatron_ift.errors import CheckpointError
+
 LATEST = "latest"
 COMPLETED = "COMPLETED"
 METADATA = "megatron_ift.json"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or incompatible; the message says what to do."""
 
 
 def iter_name(step: int) -> str:
@@ -55,9 +53,50 @@ def write_metadata(ckpt_dir: str, metadata: dict[str, Any]) -> None:
     atomic_write_text(os.path.join(ckpt_dir, METADATA), json.dumps(metadata, indent=2, sort_keys=True))
 
 
+def is_hf_folder(path: str) -> bool:
+    """Whether ``path`` looks like a Hugging Face model folder (config.json and weights)."""
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    return any(n.endswith((".safetensors", ".bin")) or n.endswith(".safetensors.index.json")
+               for n in os.listdir(path))
+
+
+def earlier_checkpoints_hint(ckpt_dir: str) -> str:
+    """A sentence naming the complete checkpoints older than ``ckpt_dir`` in its run folder and
+    how to resume from the newest of them (empty when there is none)."""
+    root = os.path.dirname(os.path.abspath(ckpt_dir))
+    m = _ITER_RE.match(os.path.basename(os.path.abspath(ckpt_dir)))
+    if not m:
+        return ""
+    older = [(s, p) for s, p in list_checkpoints(root) if s < int(m.group(1))]
+    if not older:
+        return " No earlier complete checkpoint exists in that run folder."
+    names = ", ".join(os.path.basename(p) for _, p in older)
+    newest = os.path.basename(older[-1][1])
+    return (f" Earlier complete checkpoints: {names}; to resume from {newest}, write "
+            f"'{newest}' into {os.path.join(root, LATEST)} (and move the damaged folder away).")
+
+
+def check_files(ckpt_dir: str) -> None:
+    """Raise if ``ckpt_dir`` lacks one of dist_checkpointing's own files (a damaged copy)."""
+    for name in ("metadata.json", "common.pt", ".metadata"):
+        if not os.path.isfile(os.path.join(ckpt_dir, name)):
+            raise CheckpointError(
+                f"{ckpt_dir} is damaged: its {name} is missing (deleted or partly copied)."
+                + earlier_checkpoints_hint(ckpt_dir)
+            )
+
+
 def read_metadata(ckpt_dir: str) -> dict[str, Any]:
     path = os.path.join(ckpt_dir, METADATA)
     if not os.path.isfile(path):
+        if is_hf_folder(ckpt_dir):
+            raise CheckpointError(
+                f"{ckpt_dir} is a Hugging Face model folder, not a megatron-ift checkpoint: run "
+                f"'megatron-ift convert import-hf {ckpt_dir} OUT_DIR' first and point to OUT_DIR"
+            )
+        if not os.path.isdir(ckpt_dir):
+            raise CheckpointError(f"checkpoint {ckpt_dir} does not exist")
         raise CheckpointError(
             f"{ckpt_dir} is not a complete megatron-ift checkpoint ({METADATA} missing): it was "
             "interrupted during its save or is not a checkpoint; point to an earlier iter_* folder"
@@ -72,6 +111,15 @@ def read_metadata(ckpt_dir: str) -> dict[str, Any]:
 def mark_latest(root: str, step: int) -> None:
     """Point ``<root>/latest`` at ``iter_<step>`` (call once the save is complete everywhere)."""
     atomic_write_text(os.path.join(root, LATEST), iter_name(step) + "\n")
+
+
+def resolve_name(root: str) -> Optional[str]:
+    """The folder name ``<root>/latest`` holds, or None without a readable ``latest``."""
+    try:
+        with open(os.path.join(root, LATEST), encoding="utf-8") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def resolve(path: str) -> Optional[str]:

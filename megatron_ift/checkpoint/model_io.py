@@ -13,8 +13,13 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ift.checkpoint.layout import CheckpointError
+
+LOAD_ERRORS = (Exception, CheckpointException)
+"""What a dist_checkpointing load can raise for a damaged or foreign folder (torch's
+``CheckpointException`` derives from ``BaseException``, so it is named explicitly)."""
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -55,10 +60,12 @@ def load_model(chunks: Sequence[torch.nn.Module], ckpt_dir: str, strict: bool = 
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
     try:
         loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), ckpt_dir)
-    except Exception as exc:  # dist_checkpointing raises many types; name the folder and cause
+    except LOAD_ERRORS as exc:  # dist_checkpointing raises many types; name the folder and cause
+        text = " ".join(str(exc).split())
         raise CheckpointError(
-            f"could not load the model from {ckpt_dir}: {type(exc).__name__}: {exc}. The folder "
-            "may be corrupt or hold a different architecture (check model.* against its "
+            f"could not load the model from {ckpt_dir} ({type(exc).__name__}: "
+            f"{text[:300] + '...' if len(text) > 300 else text}): the folder is damaged or holds "
+            "a different architecture (compare model.* with the 'model' entry of its "
             "megatron_ift.json)"
         ) from exc
     apply_model_state(chunks, loaded, strict=strict)

@@ -11,6 +11,6 @@ Both directions stream: peak memory is a small multiple of the largest single te
 whole model (see ``docs/conversion.md``).
 """
 
+from megatron_ift.errors import ConversionError
 
-class ConversionError(RuntimeError):
-    """A conversion cannot proceed; the message names the problem and how to fix it."""
+__all__ = ["ConversionError"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from megatron_ift.errors import DataError
 
-class DataError(ValueError):
-    """Malformed or unusable input data; the message names the file and the line or row."""
+__all__ = ["DataError", "describe_row"]
 
 
 def describe_row(path: str, row: int) -> str:

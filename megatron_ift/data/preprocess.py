@@ -64,8 +64,15 @@ def _encode(item: tuple[str, int, str]) -> Optional[list[int]]:
 
 def _lines(paths: Sequence[str]) -> Iterator[tuple[str, int, str]]:
     for path in paths:
-        with open(path, "r", encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
+        with open(path, "rb") as fh:  # decoded per line so that a bad byte names its line
+            for number, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte "
+                        f"{exc.start + 1} of the line); re-encode the file as UTF-8"
+                    ) from None
                 if line.strip():
                     yield path, number, line
 
@@ -185,22 +192,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the process exit status."""
+    """Command-line entry point; returns the process exit status (3 for a data error, printed
+    as one line; see ``megatron_ift.errors``)."""
+    from megatron_ift.errors import run_cli
+
+    return run_cli("megatron-ift preprocess", _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        counts = preprocess(
-            args.input,
-            args.output_prefix,
-            args.tokenizer,
-            json_key=args.json_key,
-            workers=args.workers,
-            append_eod=args.append_eod,
-            chunk_size=args.chunk_size,
-            progress=not args.quiet,
-        )
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    counts = preprocess(
+        args.input,
+        args.output_prefix,
+        args.tokenizer,
+        json_key=args.json_key,
+        workers=args.workers,
+        append_eod=args.append_eod,
+        chunk_size=args.chunk_size,
+        progress=not args.quiet,
+    )
     print(
         f"wrote {args.output_prefix}.bin/.idx: {counts['documents']} documents, "
         f"{counts['tokens']} tokens ({counts['skipped_empty']} empty lines skipped)"

@@ -57,7 +57,11 @@ def _argmax_global(scores: torch.Tensor, vocab_start: int, group: ProcessGroup) 
         local_ids = local_ids + vocab_start
     global_best = all_reduce_(best.clone(), dist.ReduceOp.MAX, group)
     cand = torch.where(best == global_best, local_ids, torch.full_like(local_ids, _NO_ID))
-    return all_reduce_(cand, dist.ReduceOp.MIN, group)
+    ids = all_reduce_(cand, dist.ReduceOp.MIN, group)
+    # A row with a NaN (a diverged model) has no maximum (NaN != NaN): give it id 0 so the
+    # estimate stays a valid embedding index; the optimisation pass then sees the non-finite
+    # logits itself and the trainer's non-finite policy acts instead of an IndexError.
+    return torch.where(ids == _NO_ID, torch.zeros_like(ids), ids)
 
 
 def greedy(logits: torch.Tensor, vocab_size: int, group: ProcessGroup = None) -> torch.Tensor:

@@ -13,11 +13,18 @@ megatron-core 0.16.1 traps handled here (measured):
   cloned after ``load_state_dict`` (otherwise all parameters share one ``step`` tensor, AdamW
   advances it once per parameter and the second step after resume is wrong);
 * a distributed-optimizer checkpoint cannot be loaded into a non-distributed optimizer (or the
-  reverse): detected from the metadata and refused with an explanation.
+  reverse): detected from the metadata and refused with an explanation;
+* torch's distributed-checkpoint ``CheckpointException`` derives from ``BaseException``, so it is
+  caught by name to report the folder.
+
+dist_checkpointing forks writer processes (and, see ``cpu_compat``, a results manager) during a
+save; :func:`die_with_parent` makes each of them exit when the trainer dies, so a killed trainer
+never leaves a child that holds its stdout (``| tee``, a Slurm step) open.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from typing import Any, Optional, Sequence
@@ -25,14 +32,45 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from megatron_ift.checkpoint import layout
 from megatron_ift.checkpoint.layout import CheckpointError
-from megatron_ift.checkpoint.model_io import apply_model_state, model_sharded_state_dict
+from megatron_ift.child_processes import die_with_parent, start_manager
+from megatron_ift.checkpoint.model_io import LOAD_ERRORS, apply_model_state, model_sharded_state_dict
 
-# Tests only: "kill_before_commit:<step>" SIGKILLs rank 0 in the middle of that step's save.
-FAULT_ENV = "MEGATRON_IFT_FAULT_INJECTION"
 _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _writer_dies_with_parent(write):
+    @functools.wraps(write)
+    def wrapper(*args, **kwargs):
+        if os.getpid() != _MAIN_PID:  # a forked writer (index 0 may run in the trainer itself)
+            die_with_parent()
+        return write(*args, **kwargs)
+
+    wrapper.dies_with_parent = True
+    return wrapper
+
+
+def _results_queue_dying_with_parent():
+    """megatron-core's ``_get_write_results_queue`` (a spawned manager) whose manager process
+    dies with the trainer. (Without CUDA, ``cpu_compat`` installs its forked equivalent.)"""
+    import multiprocessing
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = start_manager(multiprocessing.get_context("spawn")).Queue()
+    return filesystem_async._results_queue
+
+
+_MAIN_PID = os.getpid()
+_write = filesystem_async.FileSystemWriterAsync.write_preloaded_data
+if not getattr(_write, "dies_with_parent", False):
+    # megatron-core looks the target up on the class at every save: wrapping it here reaches
+    # every forked writer without touching megatron-core's files.
+    filesystem_async.FileSystemWriterAsync.write_preloaded_data = staticmethod(_writer_dies_with_parent(_write))
+if filesystem_async._get_write_results_queue.__module__ == filesystem_async.__name__:
+    filesystem_async._get_write_results_queue = _results_queue_dying_with_parent
 
 
 def _rank() -> int:
@@ -64,23 +102,43 @@ def save_checkpoint(
     data_state: dict[str, Any],
     metadata: dict[str, Any],
     keep_last: int,
+    resumed_from: Optional[str] = None,
 ) -> str:
     """Collectively save step ``step`` under ``root``; ``latest`` moves only once it is complete.
 
-    Returns the checkpoint folder.
+    Args:
+        resumed_from: the checkpoint this process loaded, when ``step`` is the step it resumed
+            at. Only that very folder is kept as it is (same state: e.g. preempted right after a
+            resume); any other folder of this step is replaced, as it may hold another state
+            or be damaged (the reason a user resumed past it).
+
+    Returns:
+        The checkpoint folder.
     """
     ckpt_dir = os.path.join(root, layout.iter_name(step))
-    if os.path.isfile(os.path.join(ckpt_dir, layout.METADATA)):
-        # A complete checkpoint of this very step exists (e.g. preempted right after a resume):
-        # the state is the same, so keep it rather than delete and rewrite it.
+    complete = os.path.isfile(os.path.join(ckpt_dir, layout.METADATA))
+    if complete and resumed_from and os.path.samefile(resumed_from, ckpt_dir):
         _barrier()
         if _rank() == 0:
             layout.mark_latest(root, step)
         _barrier()
         return ckpt_dir
+    replaced = None
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
-        if os.path.isdir(ckpt_dir):
+        if complete:
+            # Set the old folder aside (a name list_checkpoints ignores) until the new one is
+            # committed; ``latest`` must not name it meanwhile.
+            replaced = f"{ckpt_dir}.replaced"
+            if os.path.isdir(replaced):
+                shutil.rmtree(replaced)
+            if layout.resolve_name(root) == os.path.basename(ckpt_dir):
+                os.remove(os.path.join(root, layout.LATEST))
+                if resumed_from and os.path.dirname(os.path.abspath(resumed_from)) == os.path.abspath(root):
+                    layout.atomic_write_text(os.path.join(root, layout.LATEST),
+                                             os.path.basename(resumed_from) + "\n")
+            os.replace(ckpt_dir, replaced)
+        elif os.path.isdir(ckpt_dir):
             shutil.rmtree(ckpt_dir)  # a half-written folder of an interrupted save
         os.makedirs(ckpt_dir)
     _barrier()
@@ -89,16 +147,23 @@ def save_checkpoint(
     state["data"] = data_state
     state["step"] = step
     dist_checkpointing.save(state, ckpt_dir)
-    if os.environ.get(FAULT_ENV) == f"kill_before_commit:{step}" and _rank() == 0:
-        # Fault injection for tests: die after the shards are written, before the commit.
-        os.kill(os.getpid(), 9)
     _barrier()  # every rank's shards are on disk
     if _rank() == 0:
-        layout.write_metadata(ckpt_dir, dict(metadata, step=step))
-        layout.mark_latest(root, step)
+        _commit(root, ckpt_dir, step, metadata)
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
         layout.prune(root, keep_last)
     _barrier()
     return ckpt_dir
+
+
+def _commit(root: str, ckpt_dir: str, step: int, metadata: dict[str, Any]) -> None:
+    """Rank 0, once every rank's shards are on disk: mark the checkpoint complete and latest.
+
+    A separate function so that tests can interrupt a save exactly here (a monkeypatch in a
+    worker script); production code has no fault-injection switch."""
+    layout.write_metadata(ckpt_dir, dict(metadata, step=step))
+    layout.mark_latest(root, step)
 
 
 def load_checkpoint(
@@ -108,9 +173,16 @@ def load_checkpoint(
     scheduler,
     *,
     use_distributed_optimizer: bool,
+    override_scheduler: bool = False,
 ) -> dict[str, Any]:
-    """Collectively load a full training checkpoint; returns ``{"step", "data", "metadata"}``."""
+    """Collectively load a full training checkpoint; returns ``{"step", "data", "metadata"}``.
+
+    Args:
+        override_scheduler: keep the scheduler's configured schedule (lr, steps, ...) and take
+            only the step count from the checkpoint (``checkpoint.override_scheduler``).
+    """
     meta = layout.read_metadata(ckpt_dir)
+    layout.check_files(ckpt_dir)
     saved_dist = meta.get("parallel", {}).get("use_distributed_optimizer")
     if optimizer is not None and saved_dist is not None and saved_dist != use_distributed_optimizer:
         raise CheckpointError(
@@ -120,16 +192,17 @@ def load_checkpoint(
         )
     if optimizer is not None:
         _init_optimizer_state(optimizer)
+        configured = _group_lrs(optimizer)
     state = _state(chunks, optimizer, is_loading=True)
     state["scheduler"] = None
     state["data"] = None
     state["step"] = None
     try:
         loaded = dist_checkpointing.load(state, ckpt_dir)
-    except Exception as exc:  # name the folder; dist_checkpointing raises many types
+    except LOAD_ERRORS as exc:  # name the folder; dist_checkpointing raises many types
         raise CheckpointError(
-            f"could not load {ckpt_dir}: {type(exc).__name__}: {exc}. The checkpoint may be corrupt "
-            "or from a different model; resume from an earlier iter_* folder"
+            f"could not load {ckpt_dir} ({_cause(exc)}): the checkpoint is damaged (a truncated "
+            "or missing shard) or from a different model." + layout.earlier_checkpoints_hint(ckpt_dir)
         ) from exc
     apply_model_state(chunks, loaded)
     if optimizer is not None:
@@ -138,9 +211,43 @@ def load_checkpoint(
         adam_step = _pop_adam_steps(loaded["optimizer"])
         _load_optimizer_state(optimizer, loaded["optimizer"])
         _fix_adam_steps(optimizer, int(loaded["step"]) if adam_step is None else adam_step)
+        if override_scheduler:
+            # megatron-core's scheduler reads each group's max_lr / min_lr, which the optimizer
+            # state just restored to the checkpoint's values: put the configured ones back.
+            _set_group_lrs(optimizer, configured)
     if scheduler is not None and loaded.get("scheduler"):
+        if override_scheduler:
+            # megatron-core's own switch: configured values win, the step count is restored.
+            scheduler.override_opt_param_scheduler = True
+            scheduler.use_checkpoint_opt_param_scheduler = False
         scheduler.load_state_dict(loaded["scheduler"])
     return {"step": int(loaded["step"]), "data": loaded["data"], "metadata": meta}
+
+
+_LR_KEYS = ("max_lr", "min_lr")
+
+
+def _group_lrs(optimizer) -> list[list[dict[str, float]]]:
+    return [[{k: g[k] for k in _LR_KEYS if k in g} for g in opt.param_groups]
+            for opt in _torch_optimizers(optimizer)]
+
+
+def _set_group_lrs(optimizer, values: list[list[dict[str, float]]]) -> None:
+    for opt, groups in zip(_torch_optimizers(optimizer), values):
+        for group, lrs in zip(opt.param_groups, groups):
+            group.update(lrs)
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost useful cause of a (possibly wrapped) load error, on one line."""
+    failures = getattr(exc, "failures", None)  # torch's CheckpointException: {rank: exception}
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        exc = getattr(inner, "exc", inner) if not isinstance(inner, BaseException) else inner
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:

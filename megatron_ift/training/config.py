@@ -87,7 +87,14 @@ class CheckpointConfig:
     """Allow starting a *new* run in a directory holding another run's checkpoints (they are
     deleted). Without it such a directory is refused."""
     save_on_exit: bool = True
-    """Save when the run ends or is preempted (SIGTERM / SIGUSR1)."""
+    """Save when the run ends or is preempted (SIGTERM / SIGUSR1 / SIGINT)."""
+    override_scheduler: bool = False
+    """On resume, apply this config's learning-rate schedule (``train.steps``, ``optimizer.lr``,
+    ...) from the checkpoint's step on instead of refusing a changed one (Megatron-LM's
+    ``--override-opt_param-scheduler``)."""
+    break_lock: bool = False
+    """Take ``<dir>/run.lock`` even if another live run seems to hold it (its holder died on
+    another host, say). Never set it while that run is alive."""
 
     def __post_init__(self) -> None:
         if not self.dir:

@@ -18,14 +18,18 @@ import torch.distributed as dist
 from megatron_ift.checkpoint import layout
 from megatron_ift.config_io import dump_yaml, to_dict
 from megatron_ift.parallel import model_parallel_seed, use_cpu_compat_without_cuda
+from megatron_ift.training import run_dir
 from megatron_ift.training.config import RunConfig
 from megatron_ift.validation import ConfigError
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class _Preemption:
-    """Records SIGTERM / SIGUSR1; the loop saves and exits at the next step boundary."""
+    """Records SIGTERM / SIGUSR1 / SIGINT; the loop saves and exits at the next step boundary.
+
+    A second Ctrl-C (SIGINT) aborts at once (``KeyboardInterrupt``): the previous complete
+    checkpoint stays the one ``latest`` names."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
@@ -33,6 +37,13 @@ class _Preemption:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            if _rank() == 0:
+                print("interrupted: saving a checkpoint at the end of this step "
+                      "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
         self.signum = signum
 
     def agreed(self) -> bool:
@@ -82,49 +93,62 @@ def _metadata(cfg: RunConfig) -> dict[str, Any]:
     return {"model": to_dict(cfg.model), "parallel": to_dict(cfg.parallel), "config": to_dict(cfg)}
 
 
-def check_run_directory(cfg: RunConfig) -> Optional[str]:
-    """The checkpoint to resume from, or None for a fresh start; refuses to clobber another run.
-
-    A directory whose checkpoints hold a different model architecture is another run: it is
-    refused unless ``checkpoint.overwrite`` (which deletes its checkpoints) is set.
-    """
-    root = cfg.checkpoint.dir
-    if not os.path.isdir(root):
-        return None
-    existing = layout.list_checkpoints(root)
-    ckpt = layout.resolve(root) if existing or os.path.exists(os.path.join(root, layout.LATEST)) else None
-    if ckpt is None and not existing:
-        return None
-    ckpt = ckpt or existing[-1][1]
-    saved = layout.read_metadata(ckpt).get("model")
-    if saved != to_dict(cfg.model):
-        if cfg.checkpoint.overwrite:
-            return "overwrite"
-        raise ConfigError(
-            f"checkpoint.dir={root} holds checkpoints of another run (different model "
-            f"architecture). Use a new checkpoint.dir, or set checkpoint.overwrite=true to delete "
-            "them and start over"
-        )
-    return ckpt
+def _summary(cfg: RunConfig, dp: int, resume_from: Optional[str]) -> str:
+    """The few facts of a run worth a glance (the full resolved config goes to the run folder)."""
+    m, p, t, i = cfg.model, cfg.parallel, cfg.train, cfg.ift
+    method = "SFT" if i.max_lambda == 0 and i.gamma == 0 else (
+        f"IFT ({i.estimator}, lambda {i.max_lambda}, gamma {i.gamma})")
+    start = f"resuming {resume_from}" if resume_from and resume_from != "overwrite" else (
+        f"from {cfg.checkpoint.pretrained}" if cfg.checkpoint.pretrained else "from scratch")
+    return (
+        f"megatron-ift train: {method}; model {m.num_layers} layers x {m.hidden_size}, "
+        f"{m.num_parameters() / 1e6:.1f}M parameters; TP {p.tensor_model_parallel_size} "
+        f"PP {p.pipeline_model_parallel_size} DP {dp}; {t.steps} steps of "
+        f"{t.global_batch_size} x {cfg.data.seq_length} tokens, lr {cfg.optimizer.lr:g}; "
+        f"{start}; run folder {cfg.checkpoint.dir}"
+    )
 
 
 class Trainer:
-    """Builds everything for ``cfg`` and runs it (:meth:`run`). One instance per process."""
+    """Builds everything for ``cfg`` and runs it (:meth:`run`). One instance per process.
 
-    def __init__(self, cfg: RunConfig) -> None:
+    Args:
+        cfg: the run's config.
+        config_path: the ``--config`` file it came from (never overwritten by the run).
+    """
+
+    def __init__(self, cfg: RunConfig, config_path: Optional[str] = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = cfg.check_world(world)  # before any process group or model exists
         self.num_microbatches = cfg.train.num_microbatches(self.dp)
         cfg.check_paths()
         cfg.check_hardware()
-        self.resume_from = check_run_directory(cfg)
+        if cfg.ift.estimator == "kth" and cfg.ift.k > cfg.model.vocab_size:
+            raise ConfigError(f"ift.k={cfg.ift.k} exceeds model.vocab_size={cfg.model.vocab_size}; "
+                              "the kth estimator needs k <= vocabulary size")
+        # One run per directory: rank 0 holds the lock from before the first look at the
+        # directory until the run ends (other ranks wait for rank 0 at the first collective).
+        self.lock = run_dir.RunLock(cfg.checkpoint.dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.lock.acquire(break_lock=cfg.checkpoint.break_lock)
+        try:
+            self.resume_from = run_dir.check_run_directory(cfg)
+        except BaseException:
+            self.lock.release()
+            raise
         use_cpu_compat_without_cuda()
+
+    def release(self) -> None:
+        """Release the run directory (idempotent; called when the process is done with it)."""
+        self.lock.release()
 
     def setup(self) -> None:
         from megatron.core import parallel_state
 
         from megatron_ift.data import build_data, check_vocab
+        from megatron_ift.data.tokenizer import load_tokenizer
         from megatron_ift.parallel import init_distributed
         from megatron_ift.training.engine import build_model, build_optimizer, build_scheduler
         from megatron_ift.training.step import IFTStep
@@ -134,17 +158,12 @@ class Trainer:
         _seed_step(cfg.train.seed, 0)
         if self.resume_from == "overwrite":
             if _rank() == 0:
-                import shutil
-
-                for _, path in layout.list_checkpoints(cfg.checkpoint.dir):
-                    shutil.rmtree(path)
-                for name in (layout.LATEST, layout.COMPLETED):
-                    p = os.path.join(cfg.checkpoint.dir, name)
-                    if os.path.exists(p):
-                        os.remove(p)
+                run_dir.delete_checkpoints(cfg.checkpoint.dir)
             dist.barrier()
             self.resume_from = None
         t = cfg.train
+        # The tokenizer against the model before the (possibly long) data build.
+        check_vocab(load_tokenizer(cfg.data.tokenizer_path), cfg.model.vocab_size, cfg.data.tokenizer_path)
         self.data = build_data(
             cfg.data,
             train_samples=t.steps * t.global_batch_size,
@@ -174,10 +193,25 @@ class Trainer:
             state = load_checkpoint(
                 self.resume_from, self.chunks, self.optimizer, self.scheduler,
                 use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+                override_scheduler=cfg.checkpoint.override_scheduler,
             )
             self.start_step = state["step"]
-            self.train_iter.load_state_dict(state["data"])
+            try:
+                self.train_iter.load_state_dict(state["data"])
+            except ValueError as exc:
+                raise ConfigError(
+                    f"resuming {self.resume_from}: the data no longer matches its saved position "
+                    f"({exc}); restore the data.* options or start a new run from it "
+                    f"(checkpoint.pretrained={self.resume_from} and a new checkpoint.dir)"
+                ) from None
             _print(f"resumed from {self.resume_from} at step {self.start_step}")
+            for line in run_dir.check_resume_options(self.resume_from, state["metadata"].get("config", {}), cfg):
+                _print(line)
+            if self.start_step < t.steps and _rank() == 0:
+                # The run continues (train.steps raised): it is not complete any more.
+                completed = os.path.join(cfg.checkpoint.dir, layout.COMPLETED)
+                if os.path.exists(completed):
+                    os.remove(completed)
         elif cfg.checkpoint.pretrained:
             from megatron_ift.training.checkpointing import load_pretrained
 
@@ -191,8 +225,8 @@ class Trainer:
             self.writer = SummaryWriter(os.path.join(cfg.checkpoint.dir, "tensorboard"), purge_step=self.start_step)
         if _rank() == 0:
             os.makedirs(cfg.checkpoint.dir, exist_ok=True)
-            with open(os.path.join(cfg.checkpoint.dir, "config.yaml"), "w") as f:
-                f.write(dump_yaml(cfg))
+            written = run_dir.write_resolved_config(cfg.checkpoint.dir, dump_yaml(cfg), self.config_path)
+            print(f"resolved config written to {written}", flush=True)
             print(f"data: {self.data.report.summary() if hasattr(self.data.report, 'summary') else self.data.report}", flush=True)
 
     # -- the loop --------------------------------------------------------------------------
@@ -200,7 +234,7 @@ class Trainer:
     def run(self) -> int:
         """Train to ``train.steps``; returns the process exit code (0 also when preempted)."""
         cfg = self.cfg
-        _print("resolved config:\n" + dump_yaml(cfg))
+        _print(_summary(cfg, self.dp, self.resume_from))
         self.setup()
         preempt = _Preemption()
         t = cfg.train
@@ -315,6 +349,7 @@ class Trainer:
             self.cfg.checkpoint.dir, step, self.chunks, self.optimizer, self.scheduler,
             data_state=self.train_iter.state_dict(), metadata=_metadata(self.cfg),
             keep_last=self.cfg.checkpoint.keep_last,
+            resumed_from=self.resume_from if step == self.start_step else None,
         )
         _print(f"saved checkpoint at step {step} to {self.cfg.checkpoint.dir}")
 

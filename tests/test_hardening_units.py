@@ -1,0 +1,287 @@
+"""Hardening, in-process pieces: the error hierarchy and CLI reporting, the run lock, the resume
+policy, YAML loading, NaN-safe estimators, damaged-checkpoint messages, the error catalogue."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_utils import ROOT
+from megatron_ift import errors
+from megatron_ift.checkpoint import layout
+from megatron_ift.config_io import apply_overrides, load_yaml
+from megatron_ift.errors import CheckpointError, ConfigError, ConversionError, DataError
+from megatron_ift.ift.config import IFTConfig
+from megatron_ift.ift.estimators import estimate
+from megatron_ift.training import run_dir
+
+# -- error types and their reporting -----------------------------------------------------------
+
+
+def test_error_types_keep_their_old_import_paths_and_bases():
+    from megatron_ift.checkpoint.layout import CheckpointError as C
+    from megatron_ift.convert import ConversionError as V
+    from megatron_ift.data.errors import DataError as D
+    from megatron_ift.validation import ConfigError as K
+
+    assert (C, V, D, K) == (CheckpointError, ConversionError, DataError, ConfigError)
+    assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)
+    assert issubclass(CheckpointError, RuntimeError) and issubclass(ConversionError, RuntimeError)
+    codes = [c.exit_code for c in (ConfigError, DataError, CheckpointError, ConversionError,
+                                   errors.TrainingDiverged)]
+    assert len(set(codes)) == len(codes) and 1 not in codes and 0 not in codes
+
+
+@pytest.mark.parametrize("exc", [ConfigError("bad key x"), DataError("f.jsonl:3: bad"),
+                                 CheckpointError("ckpt\nbroken"), ConversionError("no")])
+def test_run_cli_prints_one_line_with_the_exit_code(exc, capsys, monkeypatch):
+    monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
+
+    def body(argv):
+        raise exc
+
+    assert errors.run_cli("megatron-ift x", body, []) == type(exc).exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"megatron-ift x: {type(exc).kind}: ")
+    # --debug (removed from argv before the body sees it) shows the traceback as well.
+    seen = []
+
+    def body2(argv):
+        seen.append(argv)
+        raise exc
+
+    assert errors.run_cli("megatron-ift x", body2, ["--debug", "a"]) == type(exc).exit_code
+    assert seen == [["a"]] and "Traceback" in capsys.readouterr().err
+
+
+def test_run_cli_lets_internal_errors_through():
+    def body(argv):
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        errors.run_cli("megatron-ift x", body, [])
+
+
+def _run(*args, env=None, timeout=120):
+    full_env = dict(os.environ, PYTHONPATH=ROOT)
+    full_env.pop(errors.DEBUG_ENV, None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          env=full_env, timeout=timeout)
+
+
+def test_plan_command_runs_and_refuses_a_yaml_list(tmp_path):
+    r = _run("-m", "megatron_ift.cli", "plan", "--preset", "llama3-8b", "--nodes", "1")
+    assert r.returncode == 0 and "recommended: TP" in r.stdout, r.stderr
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    for cmd in (["-m", "megatron_ift.cli", "plan"], [os.path.join("tools", "plan.py")]):
+        r = _run(*cmd, "--config", str(bad))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip() == (f"megatron-ift plan: configuration error: config file {bad} "
+                                    "must hold a mapping of sections")
+    r = _run("-m", "megatron_ift.cli", "--debug", "plan", "--config", str(bad))
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_preprocess_names_the_line_of_a_non_utf8_byte(tmp_path, capsys, monkeypatch):
+    from megatron_ift.data.preprocess import main as preprocess_main
+
+    monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
+    src = tmp_path / "t.jsonl"
+    lines = [b'{"text": "line %d"}' % i for i in range(1, 121)]
+    lines[100] = b'{"text": "bad \xff byte"}'
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    code = preprocess_main(["--input", str(src), "--output-prefix", str(tmp_path / "o"),
+                            "--tokenizer", os.path.join(ROOT, "data", "tokenizer"),
+                            "--workers", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == DataError.exit_code, err
+    assert f"{src}:101: not UTF-8 text (byte 0xff" in err and "Traceback" not in err
+    assert not (tmp_path / "o.bin").exists()
+
+
+def test_import_of_an_invalid_config_json_is_one_line(tmp_path, capsys):
+    from megatron_ift.convert import cli
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    (hf / "model.safetensors").write_bytes(b"")
+    code = cli.main(["import-hf", str(hf), str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == ConversionError.exit_code and "Traceback" not in err, err
+    assert err.count("\n") == 1 and "not valid JSON" in err
+
+
+# -- YAML --------------------------------------------------------------------------------------
+
+
+def test_yaml_reads_exponent_floats_and_refuses_duplicate_keys(tmp_path):
+    assert apply_overrides({}, ["optimizer.lr=1e-4"]) == {"optimizer": {"lr": 1e-4}}
+    p = tmp_path / "c.yaml"
+    p.write_text("optimizer:\n  lr: 1e-4\n  min_lr: 1E-5\nmodel:\n  name: 1e4x\n")
+    assert load_yaml(str(p)) == {"optimizer": {"lr": 1e-4, "min_lr": 1e-5}, "model": {"name": "1e4x"}}
+    p.write_text("optimizer:\n  lr: 1.0e-4\nmodel:\n  num_layers: 2\noptimizer:\n  lr: 2.0\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:5: duplicate key 'optimizer' \(first on line 1\)"):
+        load_yaml(str(p))
+    p.write_text("train:\n  steps: 3\n  steps: 4\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:3: duplicate key 'steps' \(first on line 2\)"):
+        load_yaml(str(p))
+
+
+# -- estimators on a diverged model -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["greedy", "kth", "sample", "top_p"])
+def test_estimates_from_non_finite_logits_stay_valid_ids(estimator):
+    vocab = 10
+    z = torch.randn(3, 5, 16)  # 16 columns: 6 of them vocabulary padding
+    z[0, 1, 3] = float("nan")
+    z[1] = float("nan")
+    z[2, 0] = float("inf")
+    z[2, 1, 2] = float("-inf")
+    cfg = IFTConfig(estimator=estimator, top_p=0.9 if estimator == "top_p" else None)
+    ids = estimate(z, cfg, vocab)
+    assert ids.dtype == torch.int64 and ids.shape == (3, 5)
+    assert int(ids.min()) >= 0 and int(ids.max()) < vocab, ids
+    # finite rows are untouched by the guard
+    finite = torch.isfinite(z[..., :vocab]).all(-1)
+    ref = estimate(torch.where(finite[..., None], z, torch.zeros_like(z)), cfg, vocab)
+    assert torch.equal(ids[finite], ref[finite])
+
+
+# -- run directory: lock and resume policy ------------------------------------------------------
+
+
+def _write_lock(root, **holder):
+    os.makedirs(root, exist_ok=True)
+    import json
+
+    with open(os.path.join(root, run_dir.LOCK_NAME), "w") as f:
+        json.dump(holder, f)
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_stale_ones(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    root = str(tmp_path / "run")
+    host = socket.gethostname()
+    parent = os.getppid()  # alive, and not us
+    _write_lock(root, host=host, pid=parent, start=run_dir._process_start(parent), since="then")
+    lock = run_dir.RunLock(root)
+    with pytest.raises(ConfigError, match=rf"checkpoint.dir={re.escape(root)} is in use by "
+                       rf"another run \(pid {parent} on {re.escape(host)} since then.*"
+                       "checkpoint.break_lock=true"):
+        lock.acquire()
+    # the same pid on another host: cannot be checked, so it is refused too
+    _write_lock(root, host="elsewhere", pid=12345, start="1", since="then")
+    with pytest.raises(ConfigError, match="in use by another run"):
+        lock.acquire()
+    lock.acquire(break_lock=True)  # ... unless the user breaks it
+    assert lock.holder()["pid"] == os.getpid()
+    lock.release()
+    assert lock.holder() is None
+    # stale: a dead pid here, a recycled pid (other start time), the same Slurm job
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for holder, env in [
+        (dict(host=host, pid=dead.pid, start="1"), {}),
+        (dict(host=host, pid=parent, start="not-its-start-time"), {}),
+        (dict(host="elsewhere", pid=1, start="1", slurm_job_id="77"), {"SLURM_JOB_ID": "77"}),
+    ]:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        _write_lock(root, since="then", **holder)
+        lock.acquire()
+        assert lock.held
+        lock.release()
+    assert os.listdir(root) == []  # no temporary files left
+
+
+def test_run_lock_refuses_a_file_as_checkpoint_dir(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match=rf"checkpoint.dir={re.escape(str(f))} is a file"):
+        run_dir.RunLock(str(f)).acquire()
+
+
+def test_resume_changes_are_sorted_by_what_they_do():
+    old = {"model": {"num_layers": 2, "hidden_dropout": 0.0}, "optimizer": {"lr": 1e-3, "adam_beta1": 0.9},
+           "train": {"steps": 6, "exit_after_steps": 0}, "ift": {"max_lambda": 0.2},
+           "checkpoint": {"dir": "a"}, "parallel": {"tensor_model_parallel_size": 1}}
+    new = {"model": {"num_layers": 2, "hidden_dropout": 0.1}, "optimizer": {"lr": 2e-3, "adam_beta1": 0.8},
+           "train": {"steps": 8, "exit_after_steps": 1}, "ift": {"max_lambda": 0.3},
+           "checkpoint": {"dir": "b"}, "parallel": {"tensor_model_parallel_size": 2}}
+    ch = run_dir.resume_changes(old, new)
+    assert ch.architecture == []
+    assert ch.schedule == [("optimizer.lr", 1e-3, 2e-3), ("train.steps", 6, 8)]
+    assert ch.optimizer_state == [("optimizer.adam_beta1", 0.9, 0.8)]
+    assert ch.runtime == [("ift.max_lambda", 0.2, 0.3), ("model.hidden_dropout", 0.0, 0.1)]
+    new["model"]["num_layers"] = 3
+    assert run_dir.resume_changes(old, new).architecture == [("model.num_layers", 2, 3)]
+
+
+def test_write_resolved_config_never_overwrites_the_given_config(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    mine = root / "config.yaml"
+    mine.write_text("# my file\n")
+    assert run_dir.write_resolved_config(str(root), "a: 1\n", str(mine)) == str(root / "config.resolved.yaml")
+    assert mine.read_text() == "# my file\n"
+    other = tmp_path / "other.yaml"
+    other.write_text("x")
+    assert run_dir.write_resolved_config(str(root), "a: 2\n", str(other)) == str(mine)
+    assert mine.read_text() == "a: 2\n"
+
+
+# -- checkpoint folders ------------------------------------------------------------------------
+
+
+def test_damaged_or_foreign_checkpoint_folders_are_named(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is a Hugging Face model folder.*convert import-hf"):
+        layout.read_metadata(str(hf))
+    root = tmp_path / "run"
+    for step in (1, 2, 3):
+        d = root / layout.iter_name(step)
+        d.mkdir(parents=True)
+        for name in ("metadata.json", "common.pt", ".metadata", layout.METADATA):
+            (d / name).write_text("{}")
+    (root / layout.iter_name(3) / "common.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"iter_0000003 is damaged: its common.pt is missing.*"
+                       r"Earlier complete checkpoints: iter_0000001, iter_0000002; to resume from "
+                       r"iter_0000002, write 'iter_0000002' into .*latest"):
+        layout.check_files(str(root / layout.iter_name(3)))
+    assert "No earlier complete checkpoint" in layout.earlier_checkpoints_hint(str(root / layout.iter_name(1)))
+
+
+# -- the error catalogue -----------------------------------------------------------------------
+
+
+def test_error_catalogue_lists_existing_classes_and_codes():
+    text = open(os.path.join(ROOT, "docs", "errors.md"), encoding="utf-8").read()
+    documented = set(re.findall(r"^## (\w+) \(exit (\d+)\)", text, flags=re.M))
+    assert documented, "docs/errors.md has no '## Class (exit N)' sections"
+    for name, code in documented:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.MegatronIFTError) and cls.exit_code == int(code), name
+    assert {n for n, _ in documented} == {
+        c.__name__ for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.MegatronIFTError) and c is not errors.MegatronIFTError
+    }
+
+
+def test_error_catalogue_is_current():
+    r = _run(os.path.join("tools", "error_catalogue.py"), "--check")
+    assert r.returncode == 0, (r.stderr + " (a refusal was added or reworded: regenerate the "
+                               "table with python tools/error_catalogue.py)")

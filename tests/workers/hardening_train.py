@@ -1,0 +1,53 @@
+"""``megatron_ift.train.main`` with test-only fault hooks (production code has no switches).
+
+Environment variables:
+
+* ``HARDENING_KILL_AT_COMMIT=<step>``: rank 0 SIGKILLs itself in the commit of that step's save,
+  after every rank's shards are on disk and before ``megatron_ift.json`` / ``latest`` are written.
+* ``HARDENING_HOLD_WRITERS=<folder>``: each forked checkpoint-writer process, once it has written
+  its shard, records its pid as a file in ``<folder>`` and sleeps, so that a test can kill the
+  trainer while its writer children are alive.
+"""
+
+import os
+import signal
+import sys
+import time
+
+from megatron_ift.parallel import use_cpu_compat_without_cuda
+
+use_cpu_compat_without_cuda()
+
+from megatron.core.dist_checkpointing.strategies import filesystem_async  # noqa: E402
+
+from megatron_ift.training import checkpointing  # noqa: E402
+from megatron_ift.train import main  # noqa: E402
+
+_kill_step = os.environ.get("HARDENING_KILL_AT_COMMIT")
+if _kill_step:
+    _commit = checkpointing._commit
+
+    def _dying_commit(root, ckpt_dir, step, metadata):
+        if step == int(_kill_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        _commit(root, ckpt_dir, step, metadata)
+
+    checkpointing._commit = _dying_commit
+
+_hold = os.environ.get("HARDENING_HOLD_WRITERS")
+if _hold:
+    _write = filesystem_async.FileSystemWriterAsync.write_preloaded_data  # ours: dies with parent
+    _trainer = os.getpid()
+
+    def _held_write(*args, **kwargs):
+        result = _write(*args, **kwargs)
+        if os.getpid() != _trainer:
+            with open(os.path.join(_hold, str(os.getpid())), "w") as f:
+                f.write(str(os.getppid()))
+            time.sleep(120)
+        return result
+
+    filesystem_async.FileSystemWriterAsync.write_preloaded_data = staticmethod(_held_write)
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
