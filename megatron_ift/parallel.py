@@ -150,7 +150,9 @@ def init_distributed(cfg: ParallelConfig) -> None:
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
         distributed_timeout_minutes=cfg.timeout_minutes,
-        create_gloo_process_groups=backend == "gloo",
+        # As Megatron-LM by default: gloo twins of the data-parallel groups, for CPU objects
+        # (e.g. distributed-optimizer state) next to NCCL on a GPU.
+        create_gloo_process_groups=True,
     )
 
 

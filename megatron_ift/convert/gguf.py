@@ -115,7 +115,9 @@ def gguf_to_hf(path: str, output: str, *, dtype: str = "float32") -> str:
     plain = type(loaded)(config).to(torch_dtype)
     plain.load_state_dict(loaded.state_dict())
     del loaded
-    plain.generation_config = loaded_generation_config(folder, name, plain)
+    # EOS/BOS/pad ids as the GGUF's config gives them (transformers reads no other generation
+    # settings from a GGUF file)
+    plain.generation_config = transformers.GenerationConfig.from_model_config(config)
     plain.save_pretrained(output)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         folder, gguf_file=name, local_files_only=True
@@ -124,23 +126,4 @@ def gguf_to_hf(path: str, output: str, *, dtype: str = "float32") -> str:
     return output
 
 
-def loaded_generation_config(folder: str, name: str, model):
-    """The generation config transformers derives from the GGUF file (EOS/BOS/pad ids)."""
-    import transformers
-
-    try:
-        return transformers.GenerationConfig.from_pretrained(
-            folder, gguf_file=name, local_files_only=True
-        )
-    except (OSError, ValueError):
-        return transformers.GenerationConfig.from_model_config(model.config)
-
-
-def default_output(path: str) -> str:
-    """``<file stem>-hf`` beside the current directory, e.g. ``SmolLM2-135M-Instruct.Q4_1-hf``."""
-    return os.path.basename(path)[: -len(".gguf")] + "-hf" if path.endswith(".gguf") \
-        else os.path.basename(path) + "-hf"
-
-
-__all__ = ["gguf_to_hf", "gguf_architecture", "packaged_smollm2", "default_output",
-           "SMOLLM2_INSTALL", "SUPPORTED"]
+__all__ = ["gguf_to_hf", "gguf_architecture", "packaged_smollm2", "SMOLLM2_INSTALL", "SUPPORTED"]

@@ -5,7 +5,7 @@
     data = build_data(cfg, train_samples=global_batch * train_steps)   # every rank
     check_vocab(data.tokenizer, model_cfg.vocab_size, cfg.tokenizer_path)
     it = data.train_iterator(dp_rank=r, dp_size=dp, micro_batch_size=mbs, num_microbatches=nmb)
-    batch = next(it)                     # dict of CPU tensors, see megatron_ift.data.collate
+    batch = next(it)                     # dict of host tensors (pinned on CUDA), see data.collate
     state = it.state_dict()              # store with the checkpoint; it.load_state_dict(state)
     for batch in data.eval_iterator(dp_rank=r, dp_size=dp, micro_batch_size=mbs): ...
 
@@ -24,6 +24,7 @@ import torch
 from megatron_ift.data.collate import collate
 from megatron_ift.data.config import DataConfig
 from megatron_ift.data.sampler import PAD_INDEX, ResumableSampler
+from megatron_ift.device import pin
 
 
 class RowSource(Protocol):
@@ -62,7 +63,7 @@ class MicroBatchIterator:
         rows = [
             self.source.empty_row() if i == PAD_INDEX else self.source.row(int(i)) for i in indices
         ]
-        return collate(rows)
+        return pin(collate(rows))
 
     @property
     def epoch(self) -> int:

@@ -80,11 +80,11 @@ def kth(logits: torch.Tensor, k: int, vocab_size: int, group: ProcessGroup = Non
         ids = _argmax_global(work, start, group)
         local = ids - start
         here = (local >= 0) & (local < work.shape[-1])
-        if bool(here.any()):
-            # Exclude this round's winner on the rank that owns it.
-            idx = local.clamp(0, work.shape[-1] - 1).unsqueeze(-1)
-            cur = work.gather(-1, idx)
-            work.scatter_(-1, idx, torch.where(here.unsqueeze(-1), -math.inf, cur))
+        # Exclude this round's winner on the rank that owns it (other ranks write back what
+        # they had: no branch on the data, so no host sync on a GPU).
+        idx = local.clamp(0, work.shape[-1] - 1).unsqueeze(-1)
+        cur = work.gather(-1, idx)
+        work.scatter_(-1, idx, torch.where(here.unsqueeze(-1), -math.inf, cur))
     return _argmax_global(work, start, group)
 
 

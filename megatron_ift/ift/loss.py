@@ -62,7 +62,7 @@ def ift_loss_terms(
             loss=loss_sum,
             count=count,
             mixed_sft=mixed_sft,
-            weight_max=w.detach().max() if w.numel() else torch.zeros((), dtype=w.dtype),
+            weight_max=w.detach().max() if w.numel() else torch.zeros((), dtype=w.dtype, device=w.device),
             weight_entropy=(ent * (n > 0)).sum(),
             num_samples=(n > 0).sum().to(logps.dtype),
             num_tokens=mask.sum(),

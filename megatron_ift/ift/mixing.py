@@ -15,6 +15,8 @@ def estimated_sequence(
     estimates: torch.Tensor,
     loss_mask: torch.Tensor,
     segment_ids: Optional[torch.Tensor] = None,
+    *,
+    groups: Optional[Groups] = None,
 ) -> torch.Tensor:
     """``xhat [b, s]``: answer tokens replaced by the model's estimates, prompts kept.
 
@@ -27,14 +29,17 @@ def estimated_sequence(
             ``x[t + 1]`` (i.e. label ``t``).
         loss_mask: ``[b, s]`` Megatron-convention mask over labels.
         segment_ids: optional ``[b, s]`` packed-segment ids.
+        groups: the micro-batch's :class:`Groups`, if already built (instead of
+            ``segment_ids``; building them needs a host sync on a GPU).
     """
     xhat = tokens.clone()
     if tokens.shape[1] < 2:
         return xhat
     replace = loss_mask[:, :-1].bool()
-    if segment_ids is not None:
-        starts = Groups.build(loss_mask, segment_ids).segment_starts()
-        replace = replace & ~starts[:, 1:]
+    if groups is None and segment_ids is not None:
+        groups = Groups.build(loss_mask, segment_ids)
+    if groups is not None:
+        replace = replace & ~groups.segment_starts()[:, 1:]
     xhat[:, 1:] = torch.where(replace, estimates[:, :-1].to(tokens.dtype), tokens[:, 1:])
     return xhat
 

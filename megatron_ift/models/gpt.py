@@ -24,8 +24,10 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ift.device import compute_device
 from megatron_ift.models.attention import SDPAttention
 from megatron_ift.models.config import ModelConfig
+from megatron_ift.models.fusions import fusion_settings
 from megatron_ift.models.norm import TorchNorm
 from megatron_ift.parallel import ParallelConfig
 from megatron_ift.validation import ConfigError
@@ -97,14 +99,8 @@ def transformer_config(
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         attention_softmax_in_fp32=True,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
+        **fusion_settings(compute_device().type, resolve_transformer_impl(model)),
     )
     if dist.is_initialized() and dist.get_backend() == "gloo":
         # gloo matches point-to-point messages between two ranks in posting order; batched
@@ -176,5 +172,9 @@ def build_gpt_chunks(
             rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=vp_stage,
         )
+        if torch.cuda.is_available():
+            # GPU allocation (as Megatron-LM's get_model): parameters and buffers built on the
+            # host (CPU initialisation, our torch norms) move to this rank's device.
+            chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks

@@ -162,7 +162,21 @@ class RunConfig:
         from megatron_ift.models.fp8 import check_fp8_supported
         from megatron_ift.models.gpt import resolve_transformer_impl
 
+        import torch
+
+        if self.parallel.backend == "nccl" and not torch.cuda.is_available():
+            raise ConfigError(
+                "parallel.backend=nccl needs CUDA GPUs and this machine has none; use "
+                "parallel.backend=auto (gloo on CPU) or run on GPU nodes"
+            )
         impl = resolve_transformer_impl(self.model)  # raises if TE is asked for and missing
+        if impl == "transformer_engine" and self.data.packing and self.train.micro_batch_size != 1:
+            raise ConfigError(
+                "data.packing=true with model.transformer_impl=transformer_engine sends packed rows "
+                "to TE's fused attention as THD sequences, which needs train.micro_batch_size=1 "
+                f"(got {self.train.micro_batch_size}); set it to 1 (gradient accumulation keeps the "
+                "global batch) or model.transformer_impl=local"
+            )
         if self.fp8.enabled:
             check_fp8_supported(self.fp8)
             if impl != "transformer_engine":

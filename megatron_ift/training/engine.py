@@ -13,6 +13,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ift.device import once_per_step
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.models.gpt import build_gpt_chunks, transformer_config
 from megatron_ift.parallel import ParallelConfig
@@ -107,7 +108,9 @@ def build_model(
     for w in wrapped:
         w.broadcast_params()
     config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    # megatron-core runs it inside the schedule, once per step, after the last micro-batch; it
+    # reads the global token count on the host (`if num_tokens > 0`), its one sync per step.
+    config.finalize_model_grads_func = once_per_step(finalize_model_grads)
     if parallel.overlap_grad_reduce:
         config.grad_sync_func = [w.start_grad_sync for w in wrapped]
         if len(wrapped) == 1:

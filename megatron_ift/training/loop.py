@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_ift.checkpoint import layout
 from megatron_ift.config_io import dump_yaml, to_dict
+from megatron_ift.device import compute_device
 from megatron_ift.parallel import model_parallel_seed, use_cpu_compat_without_cuda
 from megatron_ift.training import run_dir
 from megatron_ift.training.config import RunConfig
@@ -47,8 +48,12 @@ class _Preemption:
         self.signum = signum
 
     def agreed(self) -> bool:
-        """True on every rank if any rank was signalled (ranks may get signals at different times)."""
-        flag = torch.tensor(1 if self.signum is not None else 0)
+        """True on every rank if any rank was signalled (ranks may get signals at different times).
+
+        The flag is a device tensor: on a GPU the default group is NCCL, which takes no host
+        tensors. One host sync per step, at the step boundary.
+        """
+        flag = torch.tensor(1 if self.signum is not None else 0, device=compute_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag)
@@ -148,6 +153,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         from megatron_ift.data import build_data, check_vocab
+        from megatron_ift.models.gpt import resolve_transformer_impl
         from megatron_ift.data.tokenizer import load_tokenizer
         from megatron_ift.parallel import init_distributed
         from megatron_ift.training.engine import build_model, build_optimizer, build_scheduler
@@ -185,6 +191,7 @@ class Trainer:
         self.step_fn = IFTStep(
             self.chunks, cfg.ift, cfg.model.vocab_size,
             seq_length=cfg.data.seq_length, micro_batch_size=t.micro_batch_size,
+            thd=resolve_transformer_impl(cfg.model) == "transformer_engine",
         )
         self.start_step = 0
         if self.resume_from:

@@ -27,8 +27,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ift.checkpoint.model_io import unwrap
 from megatron_ift.data.packing import attention_mask
+from megatron_ift.device import compute_device, no_host_sync
 from megatron_ift.ift import (
-    Groups,
     IFTConfig,
     aggregate,
     check_labels,
@@ -40,15 +40,16 @@ from megatron_ift.ift import (
     lambda_at,
     mixed_word_embeddings,
 )
-from megatron_ift.training.output_selection import PositionSelection, selected_output_positions
-
-MicroBatch = dict[str, torch.Tensor]
+from megatron_ift.training.microbatch import MicroBatch, prepare_microbatches
+from megatron_ift.training.output_selection import selected_output_positions
 
 # Order of the summed metrics in the reduction buffer.
 _SUM_KEYS = (
     "loss_sum", "count", "mixed_sft_sum", "weight_entropy_sum", "num_samples", "num_tokens",
     "sft_sum", "sft_count", "est_correct", "est_total",
 )
+_OPT_KEYS = _SUM_KEYS[:6]  # reported by the optimisation pass
+_EST_KEYS = _SUM_KEYS[6:]  # reported by the estimation pass
 
 
 def _unused_collect(output: torch.Tensor, non_loss_data: bool = True) -> None:
@@ -73,6 +74,13 @@ class IFTStep:
         cfg: the IFT options.
         vocab_size: the true vocabulary size (padded entries are never estimated).
         seq_length, micro_batch_size: shapes of every micro-batch (pipeline p2p buffers).
+        thd: packed rows reach attention as Transformer Engine THD sequences
+            (``packed_seq_params``) rather than a dense mask (the TE layer spec).
+
+    Device discipline: micro-batches arrive on the host and are moved to the compute device
+    once, with their data-dependent metadata computed on the host first
+    (:mod:`megatron_ift.training.microbatch`); every metric stays a device tensor until one
+    reduction per step, so the micro-batch loop never waits for the device.
     """
 
     def __init__(
@@ -83,12 +91,15 @@ class IFTStep:
         *,
         seq_length: int,
         micro_batch_size: int,
+        thd: bool = False,
     ) -> None:
         self.chunks = list(chunks)
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
+        self.thd = thd
+        self.device = compute_device()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self._config = unwrap(self.chunks[0]).config
         # The loss function returns (sum, count): no division by tokens or micro-batches.
@@ -104,31 +115,32 @@ class IFTStep:
         Gradients are accumulated into the chunks (megatron DDP ``main_grad``); the caller zeroes
         them before and runs the optimizer after. ``forward_only`` evaluates without gradients.
         """
-        self._validate(microbatches)
+        self._validate(microbatches)  # on the host, before anything reaches the device
         lam = lambda_at(self.cfg, step)
-        sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64)
-        weight_max = torch.zeros((), dtype=torch.float64)
+        microbatches = prepare_microbatches(microbatches, self.device, thd=self.thd)
+        # [len(_SUM_KEYS)] sums and the weight maximum, on the device until _reduce.
+        sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=self.device)
+        weight_max = torch.zeros((), dtype=torch.float64, device=self.device)
 
         estimates: list[Optional[torch.Tensor]] = [None] * len(microbatches)
         if lam > 0.0:
             estimates = self._estimation_pass(microbatches, step, sums)
 
         fb = get_forward_backward_func()
-        reports = fb(
-            forward_step_func=partial(self._optimisation_forward, estimates=estimates, lam=lam),
-            data_iterator=self._iterators(microbatches),
-            model=self.chunks,
-            num_microbatches=len(microbatches),
-            seq_length=self.seq_length,
-            micro_batch_size=self.micro_batch_size,
-            forward_only=forward_only,
-        )
+        with no_host_sync("the optimisation pass's micro-batch loop"):
+            reports = fb(
+                forward_step_func=partial(self._optimisation_forward, estimates=estimates, lam=lam),
+                data_iterator=self._iterators(microbatches),
+                model=self.chunks,
+                num_microbatches=len(microbatches),
+                seq_length=self.seq_length,
+                micro_batch_size=self.micro_batch_size,
+                forward_only=forward_only,
+            )
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for rep in reports:
-                for key in ("loss_sum", "count", "mixed_sft_sum", "weight_entropy_sum",
-                            "num_samples", "num_tokens"):
-                    sums[_SUM_KEYS.index(key)] += rep[key]
-                weight_max = torch.maximum(weight_max, rep["weight_max"])
+                sums[: len(_OPT_KEYS)] += torch.stack([rep[k] for k in _OPT_KEYS]).to(torch.float64)
+                weight_max = torch.maximum(weight_max, rep["weight_max"].to(torch.float64))
             if lam == 0.0:  # the optimisation pass *is* the ground-truth pass
                 sums[_SUM_KEYS.index("sft_sum")] = sums[_SUM_KEYS.index("mixed_sft_sum")]
                 sums[_SUM_KEYS.index("sft_count")] = sums[_SUM_KEYS.index("count")]
@@ -142,7 +154,7 @@ class IFTStep:
         for c in self.chunks:
             c.eval()  # dropout off
         try:
-            with torch.no_grad():
+            with torch.no_grad(), no_host_sync("the estimation pass's micro-batch loop"):
                 out = fb(
                     forward_step_func=partial(self._estimation_forward, step=step),
                     data_iterator=self._iterators(microbatches),
@@ -160,13 +172,12 @@ class IFTStep:
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             ids = torch.stack([o["ids"] for o in out])  # [m, b, s]
             for o in out:
-                for key in ("sft_sum", "sft_count", "est_correct", "est_total"):
-                    sums[_SUM_KEYS.index(key)] += o[key]
+                sums[len(_OPT_KEYS):] += torch.stack([o[k] for k in _EST_KEYS]).to(torch.float64)
         ids = self._send_estimates_to_first_stage(ids, len(microbatches))
         if ids is None:
             return [None] * len(microbatches)
         return [
-            estimated_sequence(mb["tokens"], ids[i], mb["loss_mask"], mb.get("segment_ids"))
+            estimated_sequence(mb["tokens"], ids[i], mb["loss_mask"], groups=mb["groups"])
             for i, mb in enumerate(microbatches)
         ]
 
@@ -174,19 +185,19 @@ class IFTStep:
         mb = next(data_iterator)
         bare = unwrap(model)
         if not bare.post_process:
-            return model(mb["tokens"], mb["position_ids"], attention_mask(mb)), _unused_collect
+            return self._run(model, mb), _unused_collect
         # Logits only where an estimate is used (answer positions): prompt and padding rows
         # skip the output layer and the vocab-sized estimator work.
-        selection = PositionSelection.from_mask(mb["loss_mask"])
+        selection = mb["selection"]
         with selected_output_positions(bare, selection, self.tp_group):
-            output = model(mb["tokens"], mb["position_ids"], attention_mask(mb))
+            output = self._run(model, mb)
         return output, partial(self._estimation_collect, mb, selection, step)
 
     def _estimation_collect(
-        self, mb: MicroBatch, sel: PositionSelection, step: int, logits: torch.Tensor, non_loss_data: bool = True
+        self, mb: MicroBatch, sel, step: int, logits: torch.Tensor, non_loss_data: bool = True
     ):
-        # logits: [1, n, v/tp] at the selected (answer) positions; only ids and a few scalars
-        # leave this function.
+        # logits: [1, n, v/tp] at the selected (answer) positions; only ids and a few device
+        # scalars leave this function.
         sample_ids = mb.get("sample_ids")
         if sample_ids is None:
             sample_ids = torch.arange(sel.shape[0], device=logits.device)
@@ -200,15 +211,14 @@ class IFTStep:
         mask = mb["loss_mask"]
         ids = sel.scatter(picked_ids, mb["labels"])  # unselected entries are never used
         token_losses = sel.scatter(-logps, torch.zeros(mask.shape, dtype=logps.dtype, device=mask.device))
-        groups = Groups.build(mask, mb.get("segment_ids"))
-        sft_sum, sft_count = aggregate(token_losses, mask, groups, self.cfg.aggregation)
-        correct = 0.0 if sel.empty else float((picked_ids == labels).sum())
+        sft_sum, sft_count = aggregate(token_losses, mask, mb["groups"], self.cfg.aggregation)
+        correct = (picked_ids == labels).sum() * (0 if sel.empty else 1)
         return {
             "ids": ids,
-            "sft_sum": float(sft_sum),
-            "sft_count": float(sft_count),
+            "sft_sum": sft_sum,
+            "sft_count": sft_count,
             "est_correct": correct,
-            "est_total": 0.0 if sel.empty else float(labels.numel()),
+            "est_total": torch.full((), 0 if sel.empty else labels.numel(), device=logits.device),
         }
 
     def _send_estimates_to_first_stage(self, ids: Optional[torch.Tensor], m: int) -> Optional[torch.Tensor]:
@@ -223,7 +233,7 @@ class IFTStep:
             dist.send(ids.contiguous(), dst=first)
             return None
         if me == first:
-            buf = torch.empty(m, self.micro_batch_size, self.seq_length, dtype=torch.int64)
+            buf = torch.empty(m, self.micro_batch_size, self.seq_length, dtype=torch.int64, device=self.device)
             dist.recv(buf, src=last)
             return buf
         return None
@@ -233,9 +243,8 @@ class IFTStep:
     def _optimisation_forward(self, data_iterator, model, *, estimates, lam: float):
         mb = next(data_iterator)
         bare = unwrap(model)
-        mask = attention_mask(mb)
         if bare.pre_process and (lam > 0.0 or self.cfg.mixing_embeddings == "detached"):
-            xhat = estimates[int(mb["index"])]
+            xhat = estimates[mb["index"]]
             # One pass of the model's own embedding stage on the mixed word embeddings, handed
             # to GPTModel.forward as its precomputed decoder input.
             with mixed_word_embeddings(
@@ -245,35 +254,43 @@ class IFTStep:
                 self.cfg.mixing_embeddings,
             ):
                 decoder_input = bare.embedding(input_ids=mb["tokens"], position_ids=mb["position_ids"])
-            output = model(mb["tokens"], mb["position_ids"], mask, decoder_input=decoder_input)
+            output = self._run(model, mb, decoder_input=decoder_input)
         else:
-            output = model(mb["tokens"], mb["position_ids"], mask)
+            output = self._run(model, mb)
         return output, partial(self._optimisation_loss, mb)
 
     def _optimisation_loss(self, mb: MicroBatch, logits: torch.Tensor):
         # logits: [b, s, v/tp] -> log-probs of the labels [b, s], never the full vocabulary.
         logps = label_logprobs(logits, mb["labels"], self.tp_group, inplace=True)
-        groups = Groups.build(mb["loss_mask"], mb.get("segment_ids"))
-        terms = ift_loss_terms(logps, mb["loss_mask"], self.cfg, groups)
+        terms = ift_loss_terms(logps, mb["loss_mask"], self.cfg, mb["groups"])
+        # Device scalars: summed on the device and read once per step (IFTStep._reduce).
         report = {
-            "loss_sum": float(terms.loss.detach()),
-            "count": float(terms.count),
-            "mixed_sft_sum": float(terms.mixed_sft),
-            "weight_entropy_sum": float(terms.weight_entropy),
-            "num_samples": float(terms.num_samples),
-            "num_tokens": float(terms.num_tokens),
-            "weight_max": torch.tensor(float(terms.weight_max), dtype=torch.float64),
+            "loss_sum": terms.loss.detach(),
+            "count": terms.count,
+            "mixed_sft_sum": terms.mixed_sft,
+            "weight_entropy_sum": terms.weight_entropy,
+            "num_samples": terms.num_samples,
+            "num_tokens": terms.num_tokens,
+            "weight_max": terms.weight_max,
         }
         # The loss is already a sum: the schedule must not rescale it (calculate_per_token_loss).
         return terms.loss, terms.count.detach().round().to(torch.int), report
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _run(self, model, mb: MicroBatch, **kwargs):
+        """One forward of ``model`` on ``mb``: a dense mask for packed rows on the local layer
+        spec, THD ``packed_seq_params`` on Transformer Engine, neither for unpacked rows."""
+        psp = mb["packed_seq_params"]
+        mask = None if psp is not None else attention_mask(mb)
+        if psp is not None:
+            kwargs["packed_seq_params"] = psp
+        return model(mb["tokens"], mb["position_ids"], mask, **kwargs)
+
     def _iterators(self, microbatches):
-        items = [dict(mb, index=torch.tensor(i)) for i, mb in enumerate(microbatches)]
         if len(self.chunks) == 1:
-            return iter(items)
-        return [iter(items) for _ in self.chunks]
+            return iter(microbatches)
+        return [iter(microbatches) for _ in self.chunks]
 
     def _validate(self, microbatches) -> None:
         if not microbatches:
@@ -305,14 +322,18 @@ class IFTStep:
                         )
 
     def _reduce(self, sums: torch.Tensor, weight_max: torch.Tensor, lam: float) -> StepOutput:
-        """Sum over the pipeline (only the last stage holds values) and data-parallel ranks."""
+        """Sum over the pipeline (only the last stage holds values) and data-parallel ranks.
+
+        The one host synchronisation of the step: the device sums are read here, once.
+        """
         if dist.is_initialized():
             pp_group = parallel_state.get_pipeline_model_parallel_group()
             dp_group = parallel_state.get_data_parallel_group()
             for g in (pp_group, dp_group):
                 dist.all_reduce(sums, group=g)
                 dist.all_reduce(weight_max, op=dist.ReduceOp.MAX, group=g)
-        s = dict(zip(_SUM_KEYS, sums.tolist()))
+        *values, weight_max_value = torch.cat([sums, weight_max[None]]).tolist()
+        s = dict(zip(_SUM_KEYS, values))
         count = max(s["count"], 1.0)
         metrics = {
             "loss": s["loss_sum"] / count,
@@ -320,7 +341,7 @@ class IFTStep:
             "loss_mixed_sft": s["mixed_sft_sum"] / count,
             "lambda": lam,
             "estimate_accuracy": s["est_correct"] / s["est_total"] if s["est_total"] else float("nan"),
-            "weight_max": float(weight_max),
+            "weight_max": weight_max_value,
             "weight_entropy": s["weight_entropy_sum"] / max(s["num_samples"], 1.0),
             "num_samples": s["num_samples"],
             "num_tokens": s["num_tokens"],

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_ift import cpu_compat
+from megatron_ift import cpu_compat, emulated_cuda
 
-cpu_compat.enable()
+if not emulated_cuda.active():  # a worker may switch the emulated GPU on before importing this
+    cpu_compat.enable()
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -32,7 +33,12 @@ def setup(tp=1, pp=1, vpp=None, sp=False, seed=1234, **kw) -> ParallelConfig:
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp, **kw,
     )
     init_distributed(par)
-    cpu_compat.model_parallel_seed(seed)
+    if emulated_cuda.active():
+        from megatron_ift.parallel import model_parallel_seed
+
+        model_parallel_seed(seed)
+    else:
+        cpu_compat.model_parallel_seed(seed)
     return par
 
 

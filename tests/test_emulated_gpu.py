@@ -1,0 +1,75 @@
+"""The real trainer on the emulated CUDA device (megatron_ift.emulated_cuda): the GPU path's
+placement and synchronisation rules checked on a CPU machine.
+
+Each layout trains from one shared starting checkpoint (a CPU run), once under the emulation and
+once as a normal CPU run; the emulated run must get through IFT steps, evaluation, a checkpoint
+save and a resume (host tensors meeting the model or NCCL, or a host sync inside a micro-batch
+loop, fail it), and its losses must equal the CPU run's. Tolerance: 1e-5 relative (the GPU path
+turns megatron-core's bias/activation fusions on; the CPU path runs them unfused).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from train_utils import losses, metrics, train
+from dist_utils import torchrun, ROOT
+
+import os
+
+EMULATED = "train_cli_emulated.py"
+STEPS = ["train.steps=2", "train.eval_interval=1", "train.eval_max_batches=1",
+         "train.global_batch_size=8", "optimizer.lr_warmup_steps=0", "model.attention_backend=local"]
+SFT = ["ift.max_lambda=0", "ift.gamma=0"]
+
+# layout -> (overrides, stop after step 1 and resume?)
+LAYOUTS = {
+    "tp2": (["parallel.tensor_model_parallel_size=2"], True),
+    "pp2_vpp2": (["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
+                  "parallel.virtual_pipeline_model_parallel_size=2"], True),
+    "dp2_distopt": (["parallel.tensor_model_parallel_size=1",
+                     "parallel.use_distributed_optimizer=true"], True),
+    "tp2_sft": (["parallel.tensor_model_parallel_size=2", *SFT], False),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Shared starting weights (a one-step CPU run) and the normal CPU runs from them, IFT and
+    SFT. Losses do not depend on the layout (tests/test_step_parallel.py), so one CPU run per
+    method is the reference of every layout."""
+    d = tmp_path_factory.mktemp("emulated")
+    base = str(d / "base")
+    train(2, base, "train.steps=1", "optimizer.lr_warmup_steps=0")
+    start = [f"checkpoint.pretrained={base}", *STEPS, "parallel.tensor_model_parallel_size=2"]
+    train(2, str(d / "cpu_ift"), *start)
+    train(2, str(d / "cpu_sft"), *start, *SFT)
+    return {"base": base, "ift": str(d / "cpu_ift"), "sft": str(d / "cpu_sft")}
+
+
+def _emulated(run_dir: str, *overrides: str) -> str:
+    demo = os.path.join(ROOT, "configs", "demo.yaml")
+    return torchrun(EMULATED, 2, "--config", demo, f"checkpoint.dir={run_dir}",
+                    "logging.log_interval=1", *overrides, timeout=300)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gpu_path_runs_and_matches_cpu(reference, tmp_path, layout):
+    overrides, resume = LAYOUTS[layout]
+    opts = [f"checkpoint.pretrained={reference['base']}", *STEPS, *overrides]
+    emu = str(tmp_path / "emulated")
+    if resume:
+        first = _emulated(emu, *opts, "train.exit_after_steps=1")
+        assert "eval step 1" in first and "saved checkpoint at step 1" in first, first[-2000:]
+        last = _emulated(emu, *opts)
+        assert "resumed from" in last, last[-2000:]
+    else:
+        last = _emulated(emu, *opts)
+    assert "eval step 2" in last and "saved checkpoint at step 2" in last, last[-2000:]
+    want = reference["sft" if "ift.max_lambda=0" in overrides else "ift"]
+    assert len(losses(emu)) == 2
+    for key in ("loss", "loss_sft", "loss_mixed_sft", "estimate_accuracy", "grad_norm"):
+        got = [m[key] for m in metrics(emu)]
+        assert got == pytest.approx([m[key] for m in metrics(want)], rel=1e-5, nan_ok=True), key

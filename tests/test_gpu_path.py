@@ -1,0 +1,168 @@
+"""The GPU path's pieces on CPU: the emulated CUDA device's own checks, the host-sync budget of a
+step, fusion selection, the THD / dense-mask choice for packed rows, and hardware refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_utils import ROOT, WORKERS, free_port
+
+from megatron_ift.data.packing import cu_seqlens
+from megatron_ift.models.fusions import fusion_settings
+from megatron_ift.validation import ConfigError
+
+
+def _worker(script: str, *args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, script, *args], cwd=WORKERS, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def emulation():
+    return _worker("emulated_units.py")
+
+
+def test_emulated_device_reports_cuda(emulation):
+    assert emulation["cuda_available"] is True
+    assert emulation["device_reported"] == "cuda:0"
+    assert emulation["host_device_reported"] == "cpu"
+    assert emulation["factory_like"] == emulation["to_device"] == "cuda:0"
+    assert emulation["cuda_copy_is_new"] is True
+    assert emulation["grad_on_device"] is True
+    assert emulation["parameter_keeps_device"] is True
+    assert emulation["module_cuda"] == "cuda:0"
+
+
+def test_emulated_device_refuses_mixing_like_cuda(emulation):
+    assert emulation["mixing"].startswith("raised: aten.add.Tensor mixes device tensors")
+    assert emulation["module_host_mixing"].startswith("raised: aten.addmm")
+    assert emulation["host_scalar"] == "cuda:0"  # 0-dim host tensors are scalars, as on CUDA
+
+
+def test_emulated_device_refuses_host_tensors_on_nccl_groups(emulation):
+    assert "NCCL" in emulation["collective_host_default_group"]
+    assert "NCCL" in emulation["p2p_host_buffer"]
+    assert emulation["collective_device_default_group"] == "ok"
+    assert emulation["collective_host_gloo_group"] == "ok"  # an explicit gloo group takes host tensors
+    assert emulation["object_collective"] == "ok"  # torch puts NCCL object collectives on the device
+
+
+def test_emulated_device_counts_and_forbids_host_syncs(emulation):
+    assert emulation["syncs_counted"] == 4  # float(), tolist(), cpu(), nonzero()
+    assert emulation["cpu_is_host"] is True
+    assert emulation["sync_in_region"].startswith("raised: host synchronisation")
+    assert emulation["device_op_in_region"] == "cuda:0"
+
+
+def test_step_host_syncs_do_not_grow_with_microbatches():
+    """A sync inside either pass's micro-batch loop raises; what is left is per step: the one
+    read of the metric sums and megatron-core's token count in finalize_model_grads."""
+    out = _worker("emulated_sync_budget.py", "greedy", "kth", "top_p")
+    for estimator, counts in out.items():
+        assert counts["syncs"]["2"] == counts["syncs"]["4"] == [2, 2], estimator
+        assert counts["eval"] == 1, estimator
+
+
+def test_fusions_follow_the_device():
+    none = lambda name: False  # noqa: E731
+    cpu = fusion_settings("cpu", "local", none)
+    assert not any(cpu.values())
+    gpu = fusion_settings("cuda", "local", none)
+    assert gpu["bias_activation_fusion"] and gpu["bias_dropout_fusion"]
+    assert not gpu["masked_softmax_fusion"] and not gpu["apply_rope_fusion"]
+    assert not gpu["gradient_accumulation_fusion"]
+    apex = fusion_settings("cuda", "local", lambda name: True)
+    assert apex["masked_softmax_fusion"] and apex["gradient_accumulation_fusion"]
+    assert not apex["apply_rope_fusion"]  # needs TE
+    te = fusion_settings("cuda", "transformer_engine", none)
+    assert te["apply_rope_fusion"] and te["gradient_accumulation_fusion"]
+    assert not te["cross_entropy_loss_fusion"] and not te["persist_layer_norm"]
+
+
+def _packed_row():
+    from megatron_ift.data.collate import assemble_row, collate
+
+    row = assemble_row([(torch.arange(1, 5).numpy(), torch.tensor([0, 0, 1, 1]).numpy()),
+                        (torch.arange(5, 8).numpy(), torch.tensor([0, 1, 1]).numpy())],
+                       10, 0, 7, packed=True)
+    return collate([row])
+
+
+def test_cu_seqlens_cover_every_segment_and_padding():
+    seg = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1, 2, 2]])
+    assert cu_seqlens(seg).tolist() == [0, 4, 7, 10, 12, 18, 20]
+    assert cu_seqlens(seg).dtype == torch.int32
+
+
+def test_thd_for_packed_rows_on_te_dense_mask_on_local():
+    from megatron_ift.training.microbatch import prepare_microbatches
+    from megatron_ift.training.step import IFTStep
+
+    mb = _packed_row()
+    thd = prepare_microbatches([mb], torch.device("cpu"), thd=True)[0]
+    local = prepare_microbatches([mb], torch.device("cpu"), thd=False)[0]
+    psp = thd["packed_seq_params"]
+    assert psp.qkv_format == "thd"
+    assert psp.cu_seqlens_q.tolist() == [0, 4, 7, 10] and psp.max_seqlen_q == 4
+    assert local["packed_seq_params"] is None
+    unpacked = {k: v for k, v in mb.items() if k != "segment_ids"}
+    assert prepare_microbatches([unpacked], torch.device("cpu"), thd=True)[0]["packed_seq_params"] is None
+
+    calls = []
+    model = lambda *args, **kwargs: calls.append((args, kwargs))  # noqa: E731
+    IFTStep._run(None, model, thd)
+    IFTStep._run(None, model, local)
+    IFTStep._run(None, model, prepare_microbatches([unpacked], torch.device("cpu"), thd=False)[0])
+    (_, _, mask_thd), kw_thd = calls[0]
+    assert mask_thd is None and kw_thd["packed_seq_params"] is psp
+    (_, _, mask_local), kw_local = calls[1]
+    assert mask_local.shape == (1, 1, 10, 10) and "packed_seq_params" not in kw_local
+    (_, _, mask_unpacked), _ = calls[2]
+    assert mask_unpacked is None  # megatron-core's causal mask type, no mask tensor
+
+
+def test_prepared_metadata_is_computed_on_the_host():
+    from megatron_ift.ift import Groups
+    from megatron_ift.training.microbatch import prepare_microbatches
+
+    mb = _packed_row()
+    ready = prepare_microbatches([mb], torch.device("cpu"), thd=False)[0]
+    want = Groups.build(mb["loss_mask"], mb["segment_ids"])
+    assert ready["groups"].num == want.num == 3
+    assert torch.equal(ready["groups"].index, want.index)
+    assert ready["selection"].rows.numel() == int(mb["loss_mask"].sum())
+    assert ready["index"] == 0
+
+
+def _run_config(**sections):
+    from megatron_ift.training.config import load_run_config
+
+    overrides = [f"{k}={v}" for k, v in sections.items()]
+    return load_run_config(os.path.join(ROOT, "configs", "demo.yaml"), overrides)
+
+
+def test_nccl_without_a_gpu_is_refused_before_building():
+    cfg = _run_config(**{"parallel.backend": "nccl"})
+    with pytest.raises(ConfigError, match="parallel.backend=nccl"):
+        cfg.check_hardware()
+
+
+def test_packed_thd_needs_micro_batch_one(monkeypatch):
+    from megatron_ift.models import gpt
+
+    monkeypatch.setattr(gpt, "te_available", lambda: True)
+    cfg = _run_config(**{"model.transformer_impl": "transformer_engine", "model.attention_backend": "auto"})
+    with pytest.raises(ConfigError, match="train.micro_batch_size=1"):
+        cfg.check_hardware()
+    _run_config(**{"model.transformer_impl": "transformer_engine", "train.micro_batch_size": 1,
+                   "model.attention_backend": "auto"}).check_hardware()
