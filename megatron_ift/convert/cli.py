@@ -10,11 +10,13 @@ Exposed as ``tools/convert_checkpoint.py`` (and ``megatron-ift convert``)::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Optional, Sequence
 
 from megatron_ift.convert import ConversionError
+from megatron_ift.errors import run_cli
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -94,7 +96,17 @@ def _gguf_to_hf(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
-    """Parse ``argv`` and run one conversion. Returns the exit status (0 ok, 1 refused)."""
+    """Parse ``argv`` and run one conversion.
+
+    Returns:
+        The exit status: 0, or the code of the refusal (5 for a conversion error, 4 for a
+        checkpoint error; see ``megatron_ift.errors``), printed as one line.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(prog or "megatron-ift convert", lambda a: _convert(a, prog), argv)
+
+
+def _convert(argv: list[str], prog: Optional[str]) -> int:
     args = build_parser(prog).parse_args(argv)
     start = time.time()
     try:
@@ -124,9 +136,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                 hf_config=args.hf_config,
                 progress=not args.no_progress,
             )
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except json.JSONDecodeError as exc:  # a hand-edited config.json / tokenizer file
+        raise ConversionError(
+            f"a JSON file of the input is not valid JSON ({exc}); check config.json and the "
+            "tokenizer files of the source folder"
+        ) from exc
     print(f"{args.command}: wrote {out} in {time.time() - start:.1f}s")
     return 0
 
