@@ -110,8 +110,21 @@ def enable() -> None:
             "compatibility layer is for CPU-only runs and tests; remove the call (or set "
             "MEGATRON_IFT_FORCE_CPU=1 to deliberately run on the CPU)."
         )
+    patch_cuda_runtime(current_device=lambda: _CPU)
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    _ENABLED = True
+
+
+def patch_cuda_runtime(current_device) -> None:
+    """Point the CUDA runtime queries megatron-core makes (device, synchronisation, memory
+    statistics, streams, RNG state) at the CPU, and import megatron-core with eager fusions.
+
+    Shared by :func:`enable` and the emulated accelerator (:mod:`megatron_ift.emulated_cuda`),
+    which answers ``current_device()`` with CUDA ordinal 0 instead of the CPU device.
+    """
     _import_megatron_with_eager_fusions()
-    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+    torch.cuda.current_device = current_device  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
     torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
@@ -131,9 +144,6 @@ def enable() -> None:
     mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state  # type: ignore[assignment]
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()
-    _ENABLED = True
 
 
 def _eager(model=None, **_kwargs):
