@@ -1,8 +1,11 @@
 """Greedy decoding from a trained ``megatron-ift train`` checkpoint, in one process on the CPU.
 
-No KV cache: every new token re-runs the model on the whole (right-padded) batch, which is
-cheap for the study's tiny models and short contexts. Right padding never changes a row's
-logits at its last real position, because attention is causal.
+The model is loaded by :func:`megatron_ift.inference.loading.load_for_inference` (as
+``megatron-ift generate`` does). No KV cache here: the study scores many short contexts that
+share no prefix, so every new token re-runs the model on the whole (right-padded) batch, which
+is cheap for its tiny models; chat-style decoding uses :mod:`megatron_ift.inference.decoder`.
+Right padding never changes a row's logits at its last real position, because attention is
+causal.
 """
 
 from __future__ import annotations
@@ -51,20 +54,11 @@ class LoadedModel:
     """
 
     def __init__(self, run_dir: str) -> None:
-        from megatron_ift.checkpoint import layout
-        from megatron_ift.checkpoint.model_io import load_model
-        from megatron_ift.config_io import from_dict
-        from megatron_ift.models.gpt import build_gpt_chunks
-        from megatron_ift.parallel import ParallelConfig
+        from megatron_ift.inference.loading import load_for_inference
 
         _init_once()
-        ckpt = layout.resolve(run_dir)
-        if ckpt is None:
-            raise layout.CheckpointError(f"{run_dir} holds no checkpoint")
-        self.cfg: ModelConfig = from_dict(ModelConfig, layout.read_metadata(ckpt)["model"])
-        (self.model,) = build_gpt_chunks(self.cfg, ParallelConfig())
-        load_model([self.model], ckpt)
-        self.model.eval()
+        self.cfg: ModelConfig
+        self.model, self.cfg, _ = load_for_inference(run_dir)
         self.vocab_size = self.cfg.vocab_size
         self.max_length = self.cfg.max_position_embeddings
 
