@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -60,6 +61,8 @@ class _State:
         self.host_syncs = 0
         self.no_sync: Optional[str] = None  # the region that forbids host syncs, if any
         self.gloo_groups: set[str] = set()  # group names created with backend="gloo"
+        self.report = False  # record violations instead of raising
+        self.violations: dict[tuple[str, str], str] = {}
 
 
 _STATE = _State()
@@ -83,8 +86,9 @@ def active() -> bool:
 
 
 def requested() -> bool:
-    """Whether the environment asks for the emulation (``MEGATRON_IFT_EMULATE_CUDA=1``)."""
-    return os.environ.get(ENV) == "1"
+    """Whether the environment asks for the emulation: ``MEGATRON_IFT_EMULATE_CUDA=1`` (fail at
+    the first violation) or ``report`` (print each distinct violation once and go on)."""
+    return os.environ.get(ENV) in ("1", "report")
 
 
 def on_device(t: torch.Tensor) -> bool:
@@ -148,11 +152,27 @@ def _unmark(t: torch.Tensor) -> None:
 def _host_sync(what: str) -> None:
     _STATE.host_syncs += 1
     if _STATE.no_sync is not None:
-        raise EmulatedDeviceError(
+        _violation(
             f"host synchronisation ({what}) on a device tensor inside {_STATE.no_sync}: on a GPU "
             "it stalls the stream once per micro-batch; keep the value on the device and read it "
             "once per step"
         )
+
+
+def _violation(message: str) -> None:
+    """Raise, or in report mode (``MEGATRON_IFT_EMULATE_CUDA=report``) record the violation with
+    the innermost project frame and go on, so one run lists every defect of a code path."""
+    if not _STATE.report:
+        raise EmulatedDeviceError(message)
+    import traceback
+
+    frames = [f for f in traceback.extract_stack()[:-2] if "megatron_ift" in f.filename
+              and not f.filename.endswith("emulated_cuda.py")]
+    where = f"{frames[-1].filename.split('megatron_ift')[-1]}:{frames[-1].lineno} ({frames[-1].name})" if frames else "?"
+    key = (where, message.split(":")[0][:60])
+    if key not in _STATE.violations:
+        _STATE.violations[key] = message
+        print(f"[emulated cuda] megatron_ift{where}: {message}", file=sys.stderr, flush=True)
 
 
 def _describe(tensors) -> str:
@@ -289,7 +309,7 @@ class _PlacementChecker(TorchDispatchMode):
         if packet not in _CROSS_DEVICE_OPS:
             host = [t for t in tensors if not on_device(t) and t.dim() > 0]
             if host:
-                raise EmulatedDeviceError(
+                _violation(
                     f"{func} mixes device tensors ({_describe(device)}) with host tensors "
                     f"({_describe(host)}): move them to the compute device first"
                 )
@@ -314,7 +334,7 @@ def _check_collective(func, args, tensors) -> None:
         return
     host = [t for t in tensors if not on_device(t)]
     if host:
-        raise EmulatedDeviceError(
+        _violation(
             f"{func}: host tensors ({_describe(host)}) handed to a collective on process group "
             f"{group!r}, which is NCCL on a GPU (NCCL takes device tensors only); create them on "
             "the compute device, or communicate CPU objects over an explicit gloo group"
@@ -419,4 +439,5 @@ def enable() -> None:
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_QuietRngFork())
     _PlacementMode().__enter__()
     _PlacementChecker().__enter__()
+    _STATE.report = os.environ.get(ENV) == "report"
     _STATE.active = True

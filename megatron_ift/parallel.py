@@ -103,7 +103,16 @@ def default_backend() -> str:
 
 def use_cpu_compat_without_cuda() -> None:
     """Without CUDA, run megatron-core through :mod:`megatron_ift.cpu_compat` (call it before
-    megatron-core is imported: it imports it with eager fusions). Does nothing with CUDA."""
+    megatron-core is imported: it imports it with eager fusions). Does nothing with CUDA.
+
+    ``MEGATRON_IFT_EMULATE_CUDA=1`` (or ``report``) switches the emulated CUDA device on instead
+    (:mod:`megatron_ift.emulated_cuda`): the GPU code path with CPU arithmetic.
+    """
+    from megatron_ift import emulated_cuda
+
+    if emulated_cuda.requested():
+        emulated_cuda.enable()
+        return
     if not torch.cuda.is_available():
         from megatron_ift import cpu_compat
 
