@@ -122,8 +122,8 @@ def recorded_model(path: str) -> tuple[str, dict[str, Any]]:
     if ckpt is None:
         raise CheckpointError(
             f"{path} is not a checkpoint (an iter_* folder with megatron_ift.json, or a folder "
-            "whose 'latest' names one); point checkpoint.pretrained at the output of "
-            "`megatron-ift convert import-hf` or a run directory"
+            "whose 'latest' names one); use the output of `megatron-ift convert import-hf` "
+            "or a run directory"
         )
     model = read_metadata(ckpt).get("model")
     if not isinstance(model, dict) or not model:

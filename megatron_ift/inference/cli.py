@@ -58,7 +58,10 @@ def _conversations(args: argparse.Namespace) -> list[list[dict[str, str]]]:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{args.prompts_file}:{n} is not valid JSON ({exc})") from None
                 if "messages" in row:
                     convs.append(list(row["messages"]))
                 elif "prompt" in row:
@@ -94,33 +97,40 @@ def encode(tokenizer: Any, conversation: list[dict[str, str]], raw: bool,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, load, generate, print. Returns the exit status (0 ok, 2 refused)."""
+    """Parse, load, generate, print.
+
+    Returns:
+        The exit status: 0, or a refusal's code printed as one line (2 configuration, 4
+        checkpoint; ``megatron_ift.errors``).
+    """
+    from megatron_ift.errors import run_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli("megatron-ift generate", _generate, argv)
+
+
+def _generate(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from megatron_ift.parallel import use_cpu_compat_without_cuda
 
     use_cpu_compat_without_cuda()  # before megatron-core is imported
-    from megatron_ift.checkpoint.layout import CheckpointError
+    from megatron_ift.inference.sampling import SamplingConfig
     from megatron_ift.validation import ConfigError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.tp * args.pp != world:
+        raise ConfigError(
+            f"--tp {args.tp} x --pp {args.pp} needs {args.tp * args.pp} processes, this is "
+            f"{world}; run under torchrun --nproc-per-node {args.tp * args.pp}"
+        )
+    convs = _conversations(args)
+    if not convs and world > 1:
+        raise ConfigError("interactive chat runs in one process; pass --prompt or "
+                          "--prompts-file under torchrun")
     try:
-        from megatron_ift.inference.sampling import SamplingConfig
-
-        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        if args.tp * args.pp != world:
-            raise ConfigError(
-                f"--tp {args.tp} x --pp {args.pp} needs {args.tp * args.pp} processes, this is "
-                f"{world}; run under torchrun --nproc-per-node {args.tp * args.pp}"
-            )
-        convs = _conversations(args)
-        if not convs and world > 1:
-            raise ConfigError("interactive chat runs in one process; pass --prompt or "
-                              "--prompts-file under torchrun")
         return _run(args, sampling, convs)
-    except (ConfigError, CheckpointError, ValueError) as exc:
-        print(f"megatron-ift generate: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         from megatron_ift.parallel import destroy_distributed
 

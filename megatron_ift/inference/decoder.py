@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from megatron_ift.inference.sampling import SamplingConfig, next_tokens
 from megatron_ift.models.config import ModelConfig
+from megatron_ift.validation import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,14 +90,15 @@ class KVCacheDecoder:
             model's ``max_position_embeddings``.
 
         Raises:
-            ValueError: an empty prompt, or one with no room left for a new token.
+            ConfigError: an empty prompt, or one with no room left for a new token.
         """
         from megatron.core.inference.contexts import StaticInferenceContext
 
         lengths = [len(p) for p in prompts]
         limit = self.cfg.max_position_embeddings
         if not prompts or min(lengths) < 1 or max(lengths) >= limit:
-            raise ValueError(f"prompt lengths must be in [1, {limit - 1}] tokens, got {lengths}")
+            raise ConfigError(f"prompt lengths must be in [1, {limit - 1}] tokens (the model's "
+                              f"max_position_embeddings - 1), got {lengths}; shorten the prompts")
         total = min(max(lengths) + sampling.max_new_tokens, limit)
         b, first = len(prompts), min(lengths)
         rows = torch.zeros(b, total, dtype=torch.int64)  # [b, total] prompt, then generated
