@@ -244,3 +244,13 @@ def test_a_live_run_keeps_its_folder(tmp_path):
     r = train(run, "train.steps=2", "checkpoint.break_lock=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (run / "run.lock").exists()  # released at the end
+
+
+def test_tokenizer_problems_are_refused_before_the_data_is_built(tmp_path):
+    empty = tmp_path / "tokenizer"
+    empty.mkdir()
+    r = train(tmp_path / "a", f"data.tokenizer_path={empty}")
+    _one_line_error(r, 3, f"data error: cannot load a tokenizer from '{empty}'")
+    r = train(tmp_path / "b", "model.vocab_size=100", "model.make_vocab_size_divisible_by=4")
+    _one_line_error(r, 2, "the tokenizer at 'data/tokenizer' has 384 token ids but model.vocab_size is 100")
+    assert "tokenising" not in r.stdout + r.stderr  # refused before the data build

@@ -285,3 +285,39 @@ def test_error_catalogue_is_current():
     r = _run(os.path.join("tools", "error_catalogue.py"), "--check")
     assert r.returncode == 0, (r.stderr + " (a refusal was added or reworded: regenerate the "
                                "table with python tools/error_catalogue.py)")
+
+
+def _demo_config(tmp_path, *overrides):
+    from megatron_ift.training.config import load_run_config
+
+    return load_run_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                           [f"checkpoint.dir={tmp_path / 'run'}", *overrides])
+
+
+def test_run_directory_refuses_an_imported_checkpoint(tmp_path):
+    cfg = _demo_config(tmp_path)
+    root = tmp_path / "run"
+    ckpt = root / layout.iter_name(0)
+    ckpt.mkdir(parents=True)
+    layout.write_metadata(str(ckpt), {"step": 0, "model": {}, "hf": {"arch": "llama"}})
+    layout.mark_latest(str(root), 0)
+    with pytest.raises(ConfigError, match=rf"checkpoint.dir={re.escape(str(root))} holds a "
+                       r"model-only checkpoint .* set checkpoint.pretrained=.* and a new checkpoint.dir"):
+        run_dir.check_run_directory(cfg)
+    assert run_dir.check_run_directory(_demo_config(tmp_path, f"checkpoint.dir={tmp_path / 'new'}")) is None
+
+
+def test_prune_removes_a_replaced_folder_once_its_step_is_complete_again(tmp_path):
+    root = tmp_path / "run"
+    for step in (1, 2):
+        d = root / layout.iter_name(step)
+        d.mkdir(parents=True)
+        layout.write_metadata(str(d), {"step": step})
+    aside = root / (layout.iter_name(2) + layout.REPLACED_SUFFIX)
+    aside.mkdir()
+    orphan = root / (layout.iter_name(3) + layout.REPLACED_SUFFIX)  # its step is not complete
+    orphan.mkdir()
+    layout.mark_latest(str(root), 2)
+    layout.prune(str(root), keep_last=2)
+    assert not aside.exists() and orphan.exists()
+    assert [s for s, _ in layout.list_checkpoints(str(root))] == [1, 2]

@@ -132,6 +132,8 @@ def _cli(*args, env=None):
     (["parallel.tensor_model_parallel_size=2"], {"WORLD_SIZE": "3"},
      "world size 3 is not divisible by tensor x pipeline parallel"),
     (["fp8.enabled=true"], None, "fp8.enabled=true needs NVIDIA Transformer Engine"),
+    (["ift.estimator=kth", "ift.k=1000"], None, "ift.k=1000 exceeds model.vocab_size=384"),
+    (["optimizer.lr=1e-4", "optimizer.min_lr=1e-3"], None, "optimizer.min_lr=0.001 must be <= 0.0001"),
 ])
 def test_bad_config_fails_before_model_construction(args, env, needle, tmp_path):
     # A world of one: tensor parallel 1 unless the case sets it.

@@ -27,6 +27,7 @@ from megatron_ift.errors import CheckpointError
 LATEST = "latest"
 COMPLETED = "COMPLETED"
 METADATA = "megatron_ift.json"
+REPLACED_SUFFIX = ".replaced"  # an older folder of the step being saved, until the save commits
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -157,7 +158,8 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 def prune(root: str, keep_last: int) -> list[str]:
     """Delete all but the newest ``keep_last`` complete checkpoints (never the one in latest),
-    and incomplete ``iter_*`` folders older than the newest complete one."""
+    incomplete ``iter_*`` folders older than the newest complete one, and ``iter_*.replaced``
+    folders whose step has a complete checkpoint again."""
     complete = list_checkpoints(root)
     if not complete:
         return []
@@ -170,6 +172,10 @@ def prune(root: str, keep_last: int) -> list[str]:
         path = os.path.join(root, name)
         if m and not os.path.isfile(os.path.join(path, METADATA)) and int(m.group(1)) < newest_step:
             doomed.append(path)
+        elif name.endswith(REPLACED_SUFFIX) and os.path.isfile(
+            os.path.join(root, name[: -len(REPLACED_SUFFIX)], METADATA)
+        ):
+            doomed.append(path)  # set aside by a save interrupted before it could delete it
     for path in doomed:
         if latest is not None and os.path.abspath(path) == os.path.abspath(latest):
             continue

@@ -129,7 +129,7 @@ def save_checkpoint(
         if complete:
             # Set the old folder aside (a name list_checkpoints ignores) until the new one is
             # committed; ``latest`` must not name it meanwhile.
-            replaced = f"{ckpt_dir}.replaced"
+            replaced = ckpt_dir + layout.REPLACED_SUFFIX
             if os.path.isdir(replaced):
                 shutil.rmtree(replaced)
             if layout.resolve_name(root) == os.path.basename(ckpt_dir):
