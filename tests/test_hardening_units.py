@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -321,3 +322,45 @@ def test_prune_removes_a_replaced_folder_once_its_step_is_complete_again(tmp_pat
     layout.prune(str(root), keep_last=2)
     assert not aside.exists() and orphan.exists()
     assert [s for s, _ in layout.list_checkpoints(str(root))] == [1, 2]
+
+
+_SPAWNED_MANAGER = '''
+import time
+
+if __name__ == "__main__":
+    import megatron_ift  # noqa: F401  (before megatron-core: its expected warnings filtered)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_ift.training import checkpointing  # noqa: F401  (installs the hooks)
+
+    queue = filesystem_async._get_write_results_queue()  # megatron-core's spawned manager (GPU path)
+    print(queue._manager._process.pid, flush=True)
+    time.sleep(120)
+'''
+
+
+def test_spawned_results_manager_dies_with_the_trainer(tmp_path):
+    """Without cpu_compat (the GPU path) megatron-core spawns the results manager: it must not
+    outlive a SIGKILLed trainer either."""
+    script = tmp_path / "trainer.py"
+    script.write_text(_SPAWNED_MANAGER)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        manager = int(proc.stdout.readline())
+        os.kill(proc.pid, 9)
+        proc.wait(timeout=30)
+
+        def alive():
+            try:
+                with open(f"/proc/{manager}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.time() + 5
+        while alive() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not alive(), "the results manager outlived the killed trainer"
+    finally:
+        proc.kill()
