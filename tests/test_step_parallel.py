@@ -95,11 +95,13 @@ def test_step_matches_single_process_reference(results, run):
 
 
 @pytest.mark.dist
-def test_sft_limit_equals_megatron_sft_exactly(tmp_path):
-    """lambda = 0, gamma = 0: the same loss and bit-identical gradients as megatron-core's own
-    cross-entropy SFT step through the same schedule, at TP 2."""
+def test_sft_limit_equals_megatron_sft(tmp_path):
+    """lambda = 0, gamma = 0: the loss and gradients of megatron-core's own cross-entropy SFT
+    step through the same schedule, at TP 2, to float32 rounding (1e-6 loss, 1e-5 gradients
+    relative to each tensor's largest entry). Not bit for bit: the step's output layer runs on
+    the trained positions only, fused with the log-probs, so its GEMMs sum in another order."""
     out = tmp_path / "sft.json"
     torchrun("sft_exact.py", 2, json.dumps(dict(tp=2, out=str(out))))
     r = json.load(open(out))
-    assert r["ours"] == r["megatron"]
-    assert r["grads_equal"] and r["max_grad"] > 0
+    assert r["ours"] == pytest.approx(r["megatron"], rel=1e-6)
+    assert r["grad_rel_err"] <= 1e-5 and r["max_grad"] > 0

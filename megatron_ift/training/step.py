@@ -7,7 +7,9 @@ estimated token ids (nothing else is kept) and sends them to the first stage.
 Pass 2 (optimisation): the normal schedule; the first stage feeds the mixed embeddings
 ``(1 - lambda) * E[x] + lambda * E[xhat]`` (mixed at the model's own table lookup, then one pass
 of its embedding stage) through ``GPTModel.forward(decoder_input=...)``, the last
-stage computes the IFT loss from vocab-parallel log-probs. The loss function returns
+stage computes the IFT loss from vocab-parallel log-probs of the trained positions only (the
+output layer skipped and fused with the log-probs, in chunks of ``ift.logprob_chunk_size``
+positions: :func:`megatron_ift.training.output_selection.fused_output_positions`). The loss function returns
 ``(sum, count, report)`` and the schedule runs with ``calculate_per_token_loss``, so
 ``finalize_model_grads`` divides the gradients by the count summed over micro-batches and
 data-parallel ranks: the step optimises ``total_sum / total_count`` of the *global* batch,
@@ -35,13 +37,16 @@ from megatron_ift.ift import (
     estimate,
     estimated_sequence,
     ift_loss_terms,
-    label_logprobs,
     label_logprobs_no_grad,
     lambda_at,
     mixed_word_embeddings,
 )
 from megatron_ift.training.microbatch import MicroBatch, prepare_microbatches
-from megatron_ift.training.output_selection import selected_output_positions
+from megatron_ift.ift.logprobs import linear_label_logprobs
+from megatron_ift.training.output_selection import (
+    fused_output_positions,
+    selected_output_positions,
+)
 
 # Order of the summed metrics in the reduction buffer.
 _SUM_KEYS = (
@@ -254,14 +259,27 @@ class IFTStep:
                 self.cfg.mixing_embeddings,
             ):
                 decoder_input = bare.embedding(input_ids=mb["tokens"], position_ids=mb["position_ids"])
-            output = self._run(model, mb, decoder_input=decoder_input)
+            kwargs = dict(decoder_input=decoder_input)
         else:
-            output = self._run(model, mb)
-        return output, partial(self._optimisation_loss, mb)
+            kwargs = {}
+        if not bare.post_process:
+            return self._run(model, mb, **kwargs), partial(self._optimisation_loss, mb, None)
+        # The output layer runs only on trained (answer) positions, fused with the log-probs in
+        # chunks of positions: prompt and padding rows skip the vocabulary GEMMs, and no
+        # [b, s, v/tp] logits (or their gradient) exist.
+        with fused_output_positions(bare, mb["selection"], self.tp_group) as inputs:
+            output = self._run(model, mb, **kwargs)  # empty logits [1, 0, v/tp]
+        return output, partial(self._optimisation_loss, mb, inputs)
 
-    def _optimisation_loss(self, mb: MicroBatch, logits: torch.Tensor):
-        # logits: [b, s, v/tp] -> log-probs of the labels [b, s], never the full vocabulary.
-        logps = label_logprobs(logits, mb["labels"], self.tp_group, inplace=True)
+    def _optimisation_loss(self, mb: MicroBatch, inputs, output: torch.Tensor):
+        # inputs: the output layer's selected inputs [n, h] and weight [v/tp, h] -> label
+        # log-probs [n], placed in [b, s] (zeros at untrained positions, which the loss masks).
+        sel = mb["selection"]
+        picked = linear_label_logprobs(
+            inputs.hidden, inputs.weight, mb["labels"][sel.rows, sel.cols], self.tp_group,
+            chunk_size=self.cfg.logprob_chunk_size,
+        )
+        logps = sel.scatter_grad(picked)
         terms = ift_loss_terms(logps, mb["loss_mask"], self.cfg, mb["groups"])
         # Device scalars: summed on the device and read once per step (IFTStep._reduce).
         report = {
