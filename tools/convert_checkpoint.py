@@ -3,6 +3,7 @@
 
     python tools/convert_checkpoint.py import-hf HF_DIR OUT_DIR
     python tools/convert_checkpoint.py export-hf CHECKPOINT OUT_DIR
+    python tools/convert_checkpoint.py gguf-to-hf FILE.gguf OUT_DIR    (or --smollm2 OUT_DIR)
 """
 
 import os
