@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from megatron.core.tensor_parallel.mappings import (
@@ -122,10 +122,10 @@ def selected_output_positions(model: torch.nn.Module, selection: PositionSelecti
 
 @dataclass
 class OutputLayerInputs:
-    """What :func:`fused_output_positions` captured: the output layer's selected inputs."""
+    """What :func:`fused_output_positions` captured (set during the model's forward)."""
 
-    hidden: torch.Tensor = None  # [n, h], TP-reduced in backward (see the function)
-    weight: torch.Tensor = None  # [v/tp, h]: the output layer's weight or the tied embedding
+    hidden: Optional[torch.Tensor] = None  # [n, h], TP-reduced in backward (see the function)
+    weight: Optional[torch.Tensor] = None  # [v/tp, h]: the output layer's or the tied embedding's
 
 
 @contextlib.contextmanager
