@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_ift.device import compute_device
 from megatron_ift.inference.sampling import SamplingConfig, next_tokens
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.validation import ConfigError
@@ -44,6 +45,10 @@ class KVCacheDecoder:
 
         self.model, self.cfg = model, cfg
         self.progress = progress
+        # The model, its inputs and every buffer meeting a collective live on this device; the
+        # bookkeeping of the decoding loop (rows, lengths, stop checks) stays on the host, which
+        # reads the chosen tokens once per generated position anyway (to stop at EOS).
+        self.device = compute_device()
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.stage = ps.get_pipeline_model_parallel_rank()
         pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
@@ -52,7 +57,7 @@ class KVCacheDecoder:
         self.is_last = self.stage == self.pp - 1
         self.chooser = self.is_last and ps.get_tensor_model_parallel_rank() == 0
         # The chooser's global rank: the world agrees on it through an all-reduce.
-        me = torch.tensor([dist.get_rank() if self.chooser else 0])
+        me = torch.tensor([dist.get_rank() if self.chooser else 0], device=self.device)
         dist.all_reduce(me)
         self.src = int(me.item())
 
@@ -61,13 +66,13 @@ class KVCacheDecoder:
         the last stage (None elsewhere); advances the cache offset."""
         b, s = tokens.shape
         if self.prev is not None:
-            hidden = torch.empty(s, b, self.cfg.hidden_size,
-                                 dtype=_DTYPES[self.cfg.params_dtype])  # [s, b, h]
+            hidden = torch.empty(s, b, self.cfg.hidden_size, dtype=_DTYPES[self.cfg.params_dtype],
+                                 device=self.device)  # [s, b, h]
             dist.recv(hidden, src=self.prev)
             self.model.set_input_tensor(hidden)
         start = ctx.sequence_len_offset
-        positions = torch.arange(start, start + s).expand(b, s)  # [b, s]
-        out = self.model(tokens, positions, None, inference_context=ctx,
+        positions = torch.arange(start, start + s, device=self.device).expand(b, s)  # [b, s]
+        out = self.model(tokens.to(self.device), positions, None, inference_context=ctx,
                          runtime_gather_output=True)
         ctx.sequence_len_offset += s
         if self.next is not None:
@@ -119,10 +124,11 @@ class KVCacheDecoder:
             logits = self._forward(feed, ctx)
             if pos == first:
                 ctx.enable_decode_mode()
-            chosen = torch.zeros(b, dtype=torch.int64)
-            if self.chooser:
-                chosen = next_tokens(logits, sampling, generator)
+            chosen = torch.zeros(b, dtype=torch.int64, device=self.device)
+            if self.chooser:  # sampled on the host with the seeded CPU generator
+                chosen = next_tokens(logits.cpu(), sampling, generator).to(self.device)
             dist.broadcast(chosen, src=self.src)
+            chosen = chosen.cpu()
             in_prompt = pos < lengths_t
             new = ~in_prompt & ~done
             rows[:, pos] = torch.where(in_prompt, rows[:, pos], chosen)
