@@ -88,6 +88,11 @@ def test_damaged_checkpoint_is_reported_and_never_kept_as_latest(tmp_path):
     _one_line_error(r, 4, "could not load")
     assert ("Earlier complete checkpoints: iter_0000001; to resume from iter_0000001, write "
             f"'iter_0000001' into {run / 'latest'}") in r.stderr
+    # A deleted shard: the same one line (torch's CheckpointException is a BaseException).
+    shard.rename(tmp_path / "shard.bak")
+    r = train(run, "train.steps=2", "checkpoint.save_interval=1")
+    _one_line_error(r, 4, "could not load")
+    assert "Earlier complete checkpoints: iter_0000001" in r.stderr
     # A deleted common.pt is named as such (not "'str' object has no attribute 'iterdir'").
     common = (run / "iter_0000002" / "common.pt").read_bytes()
     (run / "iter_0000002" / "common.pt").unlink()
