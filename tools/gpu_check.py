@@ -34,7 +34,8 @@ BIG = os.path.join(ROOT, "configs", "gpu_check_1b.yaml")
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "model.ffn_hidden_size=128", "data.seq_length=128",
         "model.max_position_embeddings=128", "train.global_batch_size=8",
-        "model.params_dtype=float32", "train.steps=6"]
+        "model.params_dtype=float32", "train.steps=6", "optimizer.lr_warmup_steps=2",
+        "parallel.tensor_model_parallel_size=1"]
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
@@ -76,14 +77,19 @@ def placement(work: str, emulate: bool) -> dict[str, Any]:
               "train.eval_interval=1", "train.eval_max_batches=2", "train.global_batch_size=8",
               "optimizer.lr_warmup_steps=0", "logging.log_interval=1"]
     gpu_dir, cpu_dir = os.path.join(work, "placement_gpu"), os.path.join(work, "placement_cpu")
+    cpu_env = _env(False, CUDA_VISIBLE_DEVICES="")
+    # Both runs start from the same weights (GPU and CPU initialisation draw differently).
+    base = os.path.join(work, "placement_base")
+    rc0, log0 = _run([*common, f"checkpoint.dir={base}", "train.steps=1", "train.eval_interval=0"],
+                     cpu_env, 600)
+    common.append(f"checkpoint.pretrained={base}")
     env = _env(emulate, MEGATRON_IFT_SYNC_DEBUG="1")
     rc1, log1 = _run([*common, f"checkpoint.dir={gpu_dir}", "train.exit_after_steps=1"], env, 300)
     rc2, log2 = _run([*common, f"checkpoint.dir={gpu_dir}"], env, 300)
-    cpu_env = _env(False, CUDA_VISIBLE_DEVICES="")
     rc3, log3 = _run([*common, f"checkpoint.dir={cpu_dir}"], cpu_env, 600)
-    out: dict[str, Any] = {"returncodes": [rc1, rc2, rc3]}
-    if rc1 or rc2 or rc3:
-        out.update(ok=False, log_tail=(log1 + log2 + log3)[-3000:])
+    out: dict[str, Any] = {"returncodes": [rc0, rc1, rc2, rc3]}
+    if rc0 or rc1 or rc2 or rc3:
+        out.update(ok=False, log_tail=(log0 + log1 + log2 + log3)[-3000:])
         return out
     gpu, cpu = _metrics(gpu_dir), _metrics(cpu_dir)
     rel = [abs(g["loss"] - c["loss"]) / abs(c["loss"]) for g, c in zip(gpu, cpu)]
