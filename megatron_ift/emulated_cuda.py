@@ -46,6 +46,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from megatron_ift.cpu_compat import _CUDA_TYPE_NAMES, _is_cuda_device
+
 ENV = "MEGATRON_IFT_EMULATE_CUDA"
 DEVICE = torch.device("cuda", 0)
 _CPU = torch.device("cpu")
@@ -179,14 +181,6 @@ def _describe(tensors) -> str:
     return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in tensors[:4])
 
 
-def _is_cuda(device: Any) -> bool:
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    return isinstance(device, int) and not isinstance(device, bool)
-
-
 def _is_cpu(device: Any) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cpu"
@@ -197,17 +191,6 @@ _DEVICE_GET = torch.Tensor.device.__get__
 _IS_CUDA_GET = torch.Tensor.is_cuda.__get__
 _DATA_GET = torch.Tensor.data.__get__
 _DATA_SET = torch.Tensor.data.__set__
-_CUDA_TYPE_NAMES = {
-    torch.float32: "torch.cuda.FloatTensor",
-    torch.float64: "torch.cuda.DoubleTensor",
-    torch.float16: "torch.cuda.HalfTensor",
-    torch.bfloat16: "torch.cuda.BFloat16Tensor",
-    torch.int64: "torch.cuda.LongTensor",
-    torch.int32: "torch.cuda.IntTensor",
-    torch.int8: "torch.cuda.CharTensor",
-    torch.uint8: "torch.cuda.ByteTensor",
-    torch.bool: "torch.cuda.BoolTensor",
-}
 
 
 class _PlacementMode(TorchFunctionMode):
@@ -247,7 +230,7 @@ class _PlacementMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if func is torch.Tensor.to:
             return self._to(args, kwargs)
-        if "device" in kwargs and _is_cuda(kwargs["device"]):
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
             out = func(*args, **kwargs)
             _mark(out)
@@ -284,7 +267,7 @@ class _PlacementMode(TorchFunctionMode):
         if "device" in kwargs:
             kwargs["device"] = _CPU
         out = torch.Tensor.to(t, *rest, **kwargs)
-        if target is not None and _is_cuda(target):
+        if target is not None and _is_cuda_device(target):
             return self._to_device(t, out)
         if target is not None and _is_cpu(target):
             return self._to_host(t, "to(cpu)", out)
