@@ -10,23 +10,14 @@ import time
 import pytest
 
 from dist_utils import ROOT
-from train_utils import DEMO, FAST, losses, single_process
+from train_utils import DEMO, losses, single_process
 
 HARDENING_WORKER = os.path.join(ROOT, "tests", "workers", "hardening_train.py")
 
 
 def _worker_process(run_dir: str, *overrides: str, env=None) -> subprocess.Popen:
-    """Like ``single_process`` but through the fault-injection worker (tests/workers)."""
-    full_env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    full_env.update(env or {})
-    cmd = [sys.executable, HARDENING_WORKER, "--config", DEMO, f"checkpoint.dir={run_dir}",
-           "parallel.tensor_model_parallel_size=1", *FAST, *overrides]
-    log_path = f"{run_dir}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-    proc.log_path = log_path
-    return proc
+    """``single_process`` through the fault-injection worker (tests/workers)."""
+    return single_process(run_dir, *overrides, env=env, script=HARDENING_WORKER)
 
 
 def _output(proc: subprocess.Popen) -> str:

@@ -23,7 +23,7 @@ def train(nproc: int, run_dir: str, *overrides: str, timeout: float = 300, env=N
                     *FAST, *overrides, timeout=timeout, env=env)
 
 
-def single_process(run_dir: str, *overrides: str, env=None) -> subprocess.Popen:
+def single_process(run_dir: str, *overrides: str, env=None, script: str | None = None) -> subprocess.Popen:
     """A world-of-one run (no torchrun) as a child process, for signal tests.
 
     Output goes to ``<run_dir>.log`` (not a pipe: checkpoint writer processes orphaned by a
@@ -31,7 +31,8 @@ def single_process(run_dir: str, *overrides: str, env=None) -> subprocess.Popen:
     """
     full_env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "megatron_ift.train", "--config", DEMO,
+    entry = [script] if script else ["-m", "megatron_ift.train"]
+    cmd = [sys.executable, *entry, "--config", DEMO,
            f"checkpoint.dir={run_dir}", "parallel.tensor_model_parallel_size=1", *FAST, *overrides]
     log_path = f"{run_dir}.log"
     with open(log_path, "w") as log:

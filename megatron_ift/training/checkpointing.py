@@ -268,6 +268,7 @@ def _init_optimizer_state(optimizer) -> None:
                 if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and not st:
                     st["exp_avg"] = torch.zeros_like(p.data)
                     st["exp_avg_sq"] = torch.zeros_like(p.data)
+                    # Host 0-dim, as torch's non-capturable Adam keeps it on a GPU too.
                     st["step"] = torch.zeros((), dtype=torch.float32)
 
 

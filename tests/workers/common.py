@@ -14,7 +14,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_ift.models.config import ModelConfig  # noqa: E402
-from megatron_ift.parallel import ParallelConfig, init_distributed  # noqa: E402
+from megatron_ift.parallel import ParallelConfig, init_distributed, model_parallel_seed  # noqa: E402
 
 
 def tiny_model(**overrides) -> ModelConfig:
@@ -33,12 +33,7 @@ def setup(tp=1, pp=1, vpp=None, sp=False, seed=1234, **kw) -> ParallelConfig:
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp, **kw,
     )
     init_distributed(par)
-    if emulated_cuda.active():
-        from megatron_ift.parallel import model_parallel_seed
-
-        model_parallel_seed(seed)
-    else:
-        cpu_compat.model_parallel_seed(seed)
+    model_parallel_seed(seed)  # megatron's CUDA tracker (emulated GPU) or the CPU stand-in
     return par
 
 
