@@ -17,9 +17,6 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
 
-    from megatron_ift.parallel import use_cpu_compat_without_cuda
-
-    use_cpu_compat_without_cuda()  # before megatron-core is imported
     from megatron_ift.parallel import destroy_distributed
     from megatron_ift.training.config import load_run_config
     from megatron_ift.training.loop import Trainer

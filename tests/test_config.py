@@ -1,5 +1,7 @@
 """Config validation: every bad value fails at construction, naming the key and the fix."""
 
+import os
+
 import pytest
 
 from megatron_ift.config_io import apply_overrides, from_dict, load_yaml
@@ -7,6 +9,8 @@ from megatron_ift.ift import IFTConfig, lambda_at
 from megatron_ift.parallel import ParallelConfig
 from megatron_ift.training.config import RunConfig, load_run_config
 from megatron_ift.validation import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -111,3 +115,22 @@ def test_presets_are_valid(path):
     data = load_yaml(path)
     cfg = from_dict(RunConfig, data)
     assert cfg.model.num_layers % (cfg.parallel.pipeline_model_parallel_size * cfg.parallel.vpp) == 0
+
+
+def test_config_modules_import_no_megatron_core():
+    """Loading a run config (every section's dataclass, the YAML reader) never imports
+    megatron-core: a config can be read and validated before the CPU compatibility layer or
+    the emulated GPU decides how megatron-core is imported, and without its import cost."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import megatron_ift.training.config, megatron_ift.config_io, megatron_ift.planning.cli\n"
+        "from megatron_ift.training.config import load_run_config\n"
+        "load_run_config('configs/demo.yaml')\n"
+        "print(sorted(m for m in sys.modules if m == 'megatron' or m.startswith('megatron.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout

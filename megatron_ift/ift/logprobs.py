@@ -19,14 +19,22 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 
 from megatron_ift.ift._dist import ProcessGroup, all_reduce_, group_rank_world
+
+
+def _vpce():
+    """megatron-core's ``VocabParallelCrossEntropy``, imported on first use: importing
+    ``megatron_ift.ift`` (which the config sections do) must not import megatron-core."""
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+
+    return VocabParallelCrossEntropy
 
 
 class _VocabParallelNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group):  # logits [..., v/tp], target [...]
+        VocabParallelCrossEntropy = _vpce()
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         rank, _ = group_rank_world(group)
@@ -49,6 +57,7 @@ class _VocabParallelNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         softmax, target_mask, masked_target_1d = ctx.saved_tensors
+        VocabParallelCrossEntropy = _vpce()
         grad_2d, arange_1d, update, grad_input = (
             VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask)
         )

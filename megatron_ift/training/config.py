@@ -12,8 +12,70 @@ from megatron_ift.ift.config import IFTConfig
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.models.fp8 import FP8Config
 from megatron_ift.parallel import ParallelConfig
-from megatron_ift.training.engine import OptimizerConfig, warmup_steps
-from megatron_ift.validation import ConfigError, check_choice, check_positive_int
+from megatron_ift.validation import ConfigError, check_choice, check_positive_int, check_range
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Optimizer, learning-rate schedule and mixed-precision loss scaling."""
+
+    optimizer: str = "adam"
+    """``adam`` (AdamW, decoupled weight decay) or ``sgd``."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    sgd_momentum: float = 0.0
+    """SGD momentum."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    lr_decay_style: str = "cosine"
+    """``cosine``, ``linear`` or ``constant`` after warm-up."""
+    lr_warmup_fraction: float = 0.0
+    """Warm-up length as a fraction of the run (the paper's recipe: 0.15)."""
+    lr_warmup_steps: int = 0
+    """Warm-up length in steps (used when lr_warmup_fraction is 0)."""
+    initial_loss_scale: float = 2.0**16
+    """fp16 only: initial dynamic loss scale."""
+    loss_scale: Optional[float] = None
+    """fp16 only: a static loss scale instead of the dynamic one."""
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer.optimizer", self.optimizer, ("adam", "sgd"))
+        check_choice("optimizer.lr_decay_style", self.lr_decay_style, ("cosine", "linear", "constant"))
+        check_range("optimizer.lr", self.lr, 0.0, low_inclusive=False)
+        check_range("optimizer.min_lr", self.min_lr, 0.0, self.lr)
+        check_range("optimizer.weight_decay", self.weight_decay, 0.0)
+        check_range("optimizer.clip_grad", self.clip_grad, 0.0)
+        check_range("optimizer.lr_warmup_fraction", self.lr_warmup_fraction, 0.0, 1.0,
+                    high_inclusive=False)
+        check_positive_int("optimizer.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            check_range(f"optimizer.{name}", getattr(self, name), 0.0, 1.0, high_inclusive=False)
+
+
+def warmup_steps(optim: OptimizerConfig, total_steps: int) -> int:
+    """Warm-up length in steps; raises if it does not fit in the run."""
+    if total_steps < 1:
+        raise ConfigError(f"train.steps={total_steps} must be >= 1")
+    warmup = (
+        int(round(optim.lr_warmup_fraction * total_steps))
+        if optim.lr_warmup_fraction > 0
+        else optim.lr_warmup_steps
+    )
+    if warmup > 0 and warmup >= total_steps:
+        raise ConfigError(
+            f"optimizer warm-up ({warmup} steps) must be shorter than train.steps={total_steps}"
+        )
+    return warmup
 
 
 @dataclass(frozen=True, kw_only=True)

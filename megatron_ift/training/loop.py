@@ -123,6 +123,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, config_path: Optional[str] = None) -> None:
+        # First: the hardware check below imports megatron-core, which the CPU compatibility
+        # layer (or the emulated GPU) must see being imported.
+        use_cpu_compat_without_cuda()
         self.cfg = cfg
         self.config_path = config_path
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -143,7 +146,6 @@ class Trainer:
         except BaseException:
             self.lock.release()
             raise
-        use_cpu_compat_without_cuda()
 
     def release(self) -> None:
         """Release the run directory (idempotent; called when the process is done with it)."""
