@@ -38,6 +38,7 @@ from megatron_ift.config_io import set_dotted
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIGS = ("studies/frozen_lake.yaml", "studies/arithmetic.yaml")
 QUICK_CONFIGS = ("studies/frozen_lake.yaml",)
+PRETRAINED_CONFIGS = ("studies/smollm2.yaml",)
 CURVE_KEYS = ("loss", "loss_sft", "loss_mixed_sft", "estimate_accuracy", "lambda")
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
              "GROUP_RANK", "TORCHELASTIC_RUN_ID")
@@ -402,6 +403,9 @@ def run_task(config_path: str, args, log) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_ift.studies.run_study",
                                      description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pretrained", action="store_true",
+                        help="the study from a pretrained chat model (studies/smollm2.yaml: "
+                             "SmolLM2-135M-Instruct; megatron_ift.studies.pretrained)")
     parser.add_argument("--quick", action="store_true",
                         help="the short variant (each config's quick: section; Frozen Lake only)")
     parser.add_argument("--configs", nargs="+", default=None, help="study YAML files")
@@ -421,6 +425,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="keep completed runs found in the work dir instead of retraining")
     args = parser.parse_args(argv)
     cpus = os.cpu_count() or 1
+    if args.pretrained:
+        return _main_pretrained(args, parser)
     args.jobs = args.jobs or min(4, cpus)
     args.threads = args.threads or max(1, cpus // args.jobs)
     if args.jobs < 1 or args.threads < 1:
@@ -463,6 +469,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     log(f"done in {results['wall_s']:.0f}s: {os.path.join(out, 'results.json')}")
     print(report.table(results))
+    return 0
+
+
+def _main_pretrained(args, parser) -> int:
+    """The pretrained study: one config at a time, one training run at a time (each run uses
+    every core), results under ``docs/study/pretrained``."""
+    import torch
+
+    from megatron_ift.studies import pretrained, pretrained_report
+
+    cpus = os.cpu_count() or 1
+    if args.jobs not in (None, 1):
+        parser.error("--pretrained trains one run at a time (--jobs 1)")
+    args.jobs, args.threads = 1, args.threads or cpus
+    configs = args.configs or list(PRETRAINED_CONFIGS)
+    configs = [c if os.path.isabs(c) else os.path.join(ROOT, c) for c in configs]
+    args.work_dir = os.path.abspath(args.work_dir or os.path.join(ROOT, "runs", "study_pretrained"))
+    out = os.path.abspath(args.out or os.path.join(ROOT, "docs", "study", "pretrained"))
+    doc = args.doc or os.path.join(ROOT, "docs", "study.md")
+    if args.replot:
+        with open(os.path.join(out, "results.json"), encoding="utf-8") as fh:
+            results = json.load(fh)
+        pretrained_report.publish(results, out, doc)
+        print(pretrained_report.table(results))
+        return 0
+    if not args.reuse and os.path.isdir(args.work_dir):
+        shutil.rmtree(os.path.join(args.work_dir, "runs"), ignore_errors=True)
+        shutil.rmtree(os.path.join(args.work_dir, "calibration"), ignore_errors=True)
+        for f in ("base_eval.json", "calibration.json"):
+            if os.path.exists(os.path.join(args.work_dir, f)):
+                os.remove(os.path.join(args.work_dir, f))
+    os.makedirs(out, exist_ok=True)
+    torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    start = time.perf_counter()
+    for cfg in configs:
+        results = pretrained.run_pretrained(cfg, args, log)
+        results.update({
+            "command": "python -m megatron_ift.studies.run_study --pretrained"
+                       + (f" --configs {os.path.relpath(cfg, ROOT)}" if args.configs else ""),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - (time.perf_counter() - start))),
+            "machine": {"cpu_count": cpus, "platform": platform.platform(),
+                        "python": platform.python_version(), "torch": torch.__version__,
+                        "threads": args.threads, "jobs": 1},
+            "train_config": portable_paths(results["train_config"], args.work_dir),
+        })
+        results["wall_s"] = time.perf_counter() - start
+        pretrained_report.publish(results, out, doc)
+        log(f"done in {results['wall_s']:.0f}s: {os.path.join(out, 'results.json')}")
+        print(pretrained_report.table(results))
     return 0
 
 

@@ -1,0 +1,179 @@
+"""The pretrained-model study's plumbing end to end on a tiny random Llama (no SmolLM2 here: the
+real study takes most of an hour): HF folder -> import (cached) -> base score -> step-time ratio
+-> IFT and SFT runs from the import with its tokenizer and chat template -> evaluation of IFT at
+N steps and SFT at N and round(r * N) -> results.json, plots, the generated page block.
+Plus the tasks' data and scoring, without a model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from megatron_ift.studies import chat_tasks as ct
+from megatron_ift.studies import frozen_lake as fl
+from megatron_ift.studies import pretrained, pretrained_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- data and scoring (no model) ---------------------------------------------------------------
+
+
+def test_lake_plans_are_parsed_and_played():
+    desc = ("SFFF", "FHFH", "FFFH", "HFFG")  # Gymnasium's 4x4 map
+    best = "down, down, right, down, right, right"
+    assert ct.parse_moves(best) == [1, 1, 2, 1, 2, 2]
+    assert ct.parse_moves("Move Down, then RIGHT.") == [1, 2]
+    assert ct.parse_moves("S F F F") == []
+    s = ct.score_plans([best, "right, down", "no idea", best + ", up, up"], [desc] * 4, max_steps=24)
+    # the second falls into the hole at (1, 1); the fourth stops at the goal (extra moves unused)
+    assert s == {"success_rate": 0.5, "mean_return": pytest.approx(2 * 0.99 ** 5 / 4), "invalid_rate": 0.25,
+                 "mean_steps": pytest.approx((6 + 2 + 0 + 6) / 4)}
+    assert ct.play_plan(desc, [2] * 30, max_steps=5).steps == 5  # the cap holds
+
+
+def test_lake_chat_data_hold_out_lakes_and_demonstrations_succeed(tmp_path):
+    cfg = ct.LakeChatConfig(train_maps=20, episodes_per_map=2, epsilon=0.2, test_maps=10, seed=3)
+    facts, test = ct.lake_chat_data(cfg, str(tmp_path / "lake.jsonl"))
+    rows = [json.loads(line)["messages"] for line in open(tmp_path / "lake.jsonl")]
+    assert facts["demonstrations"] == len(rows) > 20 and facts["test_maps"] == len(test) == 10
+    train_questions = {r[0]["content"] for r in rows}
+    assert not train_questions & {ct.lake_question(d) for d in test}
+    for r in rows:  # every demonstration reaches the goal when its answer is played
+        desc = tuple(r[0]["content"].split("\n")[1:5])
+        desc = tuple(row.replace(" ", "") for row in desc)
+        assert ct.play_plan(desc, ct.parse_moves(r[1]["content"]), 24).success
+    for plan, desc in zip(ct.optimal_plans(test), test):  # shortest plans: optimal and successful
+        assert ct.play_plan(desc, plan, 24).success
+        assert len(plan) == fl.shortest_distances(fl.FrozenLake(desc))[0]
+    with pytest.raises(ValueError, match="study.data.epsilon"):
+        ct.LakeChatConfig(epsilon=1.5)
+
+
+def test_addition_worked_answers_and_scoring(tmp_path):
+    assert ct.worked_addition(58, 67) == ("8 + 7 = 15, write 5, carry 1. 5 + 6 + 1 = 12, write 2, "
+                                          "carry 1. Write the carry 1. So 58 + 67 = 125.")
+    for a, b in ((12, 34), (99, 1), (4821, 3967)):
+        assert ct.last_number(ct.worked_addition(a, b)) == a + b
+    assert ct.last_number("The sum is 1,234.") == 1234 and ct.last_number("none") is None
+    facts, test = ct.addition_data(ct.AdditionConfig(digits=2, train_items=50, test_items=10),
+                                   str(tmp_path / "add.jsonl"))
+    rows = [json.loads(line)["messages"] for line in open(tmp_path / "add.jsonl")]
+    assert len(rows) == 50 and len(test) == 10
+    assert not {r[0]["content"] for r in rows} & {ct.addition_question(a, b) for a, b in test}
+    replies = [f"So it is {a + b}." if i % 2 else "no idea" for i, (a, b) in enumerate(test)]
+    assert ct.score_additions(replies, test) == {"exact_match": 0.5, "no_number_rate": 0.5}
+
+
+def test_paired_summary_counts_direction():
+    runs = []
+    for seed, (ift, sft_n, sft_c) in enumerate(((0.5, 0.4, 0.6), (0.3, 0.2, 0.1), (0.2, 0.3, 0.3)), 1):
+        for key, v in (("ift", ift), ("sft_steps", sft_n), ("sft_compute", sft_c)):
+            runs.append({"point": key, "seed": seed,
+                         "metrics": {"exact_match": v, "no_number_rate": 0.0, "heldout_nll": 1.0 - v}})
+    base = {"exact_match": 0.1, "no_number_rate": 0.5, "heldout_nll": 2.0}
+    s = pretrained.summarise(runs, base, "addition")
+    steps, compute = s["comparisons"]
+    assert steps["label"].endswith("equal steps") and compute["label"].endswith("equal compute")
+    assert steps["diff"]["exact_match"]["mean"] == pytest.approx(0.1 / 3)
+    assert steps["ahead"]["exact_match"] == 2 and steps["ahead"]["heldout_nll"] == 2  # lower is better
+    assert compute["ahead"]["exact_match"] == 1 and s["points"]["ift"]["metrics"]["exact_match"]["n"] == 3
+
+
+# -- the whole study on a tiny model -----------------------------------------------------------
+
+
+def _tiny_llama(path):
+    """A random 2-layer Llama with the shipped 384-id tokenizer (ChatML template)."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    for name in os.listdir(os.path.join(ROOT, "data", "tokenizer")):
+        shutil.copy(os.path.join(ROOT, "data", "tokenizer", name), os.path.join(path, name))
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrained_study")
+    hf = root / "tiny_llama"
+    _tiny_llama(str(hf))
+    with open(os.path.join(ROOT, "studies", "smollm2.yaml"), encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh)
+    cfg["study"].update(base_model=str(hf), seeds=[1, 2], calibration_steps=3, eval_batch_size=8)
+    cfg["study"]["tasks"]["frozen_lake_chat"].update(
+        max_new_tokens=6, data={"train_maps": 30, "episodes_per_map": 1, "test_maps": 6})
+    cfg["study"]["tasks"]["addition"].update(
+        max_new_tokens=6, data={"digits": 2, "train_items": 40, "test_items": 6})
+    cfg["train"]["steps"] = 3
+    cfg["data"]["seq_length"] = 256
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    out = root / "out"
+    doc = root / "study.md"
+    doc.write_text("# Study\n\nhand-written text\n")
+    cmd = [sys.executable, "-m", "megatron_ift.studies.run_study", "--pretrained", "--configs",
+           str(config), "--work-dir", str(root / "work"), "--out", str(out), "--doc", str(doc),
+           "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return {"root": root, "out": out, "doc": doc, "log": proc.stdout,
+            "results": json.loads((out / "results.json").read_text())}
+
+
+@pytest.mark.slow
+def test_tiny_pretrained_study_runs_every_piece(tiny_study):
+    res = tiny_study["results"]
+    ratio = res["compute"]["ratio"]
+    assert ratio > 0 and res["steps"] == 3 and res["sft_steps"] == max(3, round(ratio * 3))
+    assert "model" in res["train_config"] and res["train_config"]["checkpoint"]["pretrained"]
+    assert set(res["tasks"]) == {"frozen_lake_chat", "addition"}
+    for name, task in res["tasks"].items():
+        assert set(task["base"]["metrics"]) == {c["key"] for c in task["columns"]}
+        points = {(r["point"], r["seed"], r["step"]) for r in task["runs"]}
+        assert points == {("ift", s, 3) for s in (1, 2)} | {("sft_steps", s, 3) for s in (1, 2)} | \
+            {("sft_compute", s, res["sft_steps"]) for s in (1, 2)}
+        assert [c["label"] for c in task["summary"]["comparisons"]] == [
+            "IFT minus SFT, equal steps", "IFT minus SFT, equal compute"]
+    by = {(t["method"], t["seed"]): t for t in res["training"]}
+    assert by[("IFT", 1)]["curve"][-1]["lambda"] == pytest.approx(0.2)
+    assert by[("SFT", 1)]["curve"][-1]["lambda"] == 0.0 and by[("SFT", 1)]["steps"] == res["sft_steps"]
+    # same seed, same data: the first step's SFT loss on the ground truth is the same batch
+    assert by[("IFT", 1)]["curve"][0]["loss_sft"] == pytest.approx(by[("SFT", 1)]["curve"][0]["loss_sft"],
+                                                                  rel=1e-5)
+    for f in res["plots"]:
+        assert (tiny_study["out"] / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = tiny_study["doc"].read_text()
+    assert "hand-written text" in text and text.count(pretrained_report.BEGIN) == 1
+    assert "IFT minus SFT, equal compute" in text and "base model (no fine-tuning)" in text
+    # the checkpoints were evaluated, then deleted (1.6 GB each at SmolLM2's size)
+    runs = tiny_study["root"] / "work" / "runs"
+    assert not list(runs.glob("*/iter_*")) and len(list(runs.glob("*/study_eval_*.json"))) == 6
+
+
+@pytest.mark.slow
+def test_tiny_pretrained_study_replots_and_reuses_the_import(tiny_study, tmp_path):
+    doc = tmp_path / "page.md"
+    cmd = [sys.executable, "-m", "megatron_ift.studies.run_study", "--pretrained", "--replot",
+           "--out", str(tiny_study["out"]), "--doc", str(doc)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert pretrained_report.BEGIN in doc.read_text()
+    model_root = tiny_study["root"] / "work" / "model"
+    logs = []
+    again = pretrained.prepare_base_model(str(tiny_study["root"] / "tiny_llama"), str(model_root), logs.append)
+    assert os.path.isdir(again) and logs == []  # cached: no second import
+    with pytest.raises(ValueError, match="study.base_model"):
+        pretrained.prepare_base_model(str(tmp_path), str(model_root), logs.append)
