@@ -84,3 +84,20 @@ def test_a_tokenizer_without_chat_template_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"tokdir has no chat template.*--raw"):
         encode(tok, [{"role": "user", "content": "a"}], raw=False, tokenizer_dir=str(tmp_path / "tokdir"))
     assert encode(tok, [{"role": "user", "content": "a"}], raw=True, tokenizer_dir="") == [0]
+
+
+def test_conversion_parses_the_gguf_file_once_and_restores_gguf(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from megatron_ift.convert.gguf import _parse_once
+
+    path = str(_gguf(tmp_path / "llama-tiny.gguf", "llama"))
+    other = str(_gguf(tmp_path / "other.gguf", "llama"))
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _parse_once(path):
+        # transformers looks both names up on the module at call time, as here
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(path)
+        assert gguf.GGUFReader(other) is not gguf.GGUFReader(other)
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)

