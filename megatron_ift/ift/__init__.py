@@ -1,4 +1,4 @@
-"""The IFT method as pure functions over local shards (see shared/IFT_SPEC.md)."""
+"""The IFT method as pure functions over local shards (see docs/method.md)."""
 
 from megatron_ift.ift.config import IFTConfig
 from megatron_ift.ift.estimators import estimate

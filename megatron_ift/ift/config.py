@@ -1,4 +1,4 @@
-"""IFTConfig: every option of the IFT method (shared/IFT_SPEC.md), validated at construction."""
+"""IFTConfig: every option of the IFT method (docs/method.md), validated at construction."""
 
 from __future__ import annotations
 
