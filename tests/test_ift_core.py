@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from megatron_ift import reference
+import reference  # tests/reference.py, the spec oracle
 from megatron_ift.ift import Groups, IFTConfig, estimate, estimated_sequence, ift_loss_terms, label_logprobs
 
 
@@ -56,7 +56,7 @@ OPTIONS = list(
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 0.95, 1.0])
 @pytest.mark.parametrize("packed", [False, True])
 def test_loss_and_grad_match_reference_float64(ptype, norm, side, gamma, packed):
-    logits, _, labels, loss_mask, seg = _batch(packed=packed, seed=hash((ptype, norm, side)) % 1000)
+    logits, _, labels, loss_mask, seg = _batch(packed=packed, seed=OPTIONS.index((ptype, norm, side)))
     for aggregation, detach in [("sample_mean", False), ("token_mean", True)]:
         cfg = IFTConfig(
             gamma=gamma, propagation_type=ptype, propagation_norm=norm, propagation_side=side,
@@ -148,6 +148,24 @@ def test_estimated_sequence_matches_reference(estimator, k, packed):
     assert torch.equal(xhat, expected)
     # prompt tokens and segment starts are never replaced
     assert torch.equal(xhat[:, 0], tokens[:, 0])
+
+
+@pytest.mark.parametrize("cfg", [
+    IFTConfig(estimator="sample", temperature=0.7, seed=5),
+    IFTConfig(estimator="top_p", top_p=0.8, temperature=1.3, seed=5),
+], ids=["sample", "top_p"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_sampled_sequence_matches_reference(cfg, packed):
+    """Sampling estimators equal the reference's sort-based nucleus and Gumbel-max, token for
+    token, with the noise keyed on global sample ids (rows 7, 8, 9) and step 4."""
+    logits, tokens, _, loss_mask, seg = _batch(packed=packed, v=9, seed=3)
+    sample_ids = torch.tensor([7, 8, 9])
+    ids = estimate(logits, cfg, vocab_size=logits.shape[-1], step=4, sample_ids=sample_ids)
+    xhat = estimated_sequence(tokens, ids, loss_mask, seg)
+    expected = reference.estimated_tokens(logits, tokens, loss_mask, cfg, 4, segment_ids=seg,
+                                          sample_ids=sample_ids)
+    assert torch.equal(xhat, expected)
+    assert not torch.equal(xhat, tokens)  # estimates replaced answer tokens
 
 
 def test_padded_vocab_never_chosen():

@@ -32,6 +32,7 @@ from megatron_ift.planning.activations import (
     stage_peak,
 )
 from megatron_ift.planning.params import DTYPE_BYTES, StateMemory, state_memory
+from megatron_ift.training.metrics import step_flops
 from megatron_ift.validation import ConfigError, check_choice, check_positive_int, check_range
 
 GIB = 1024**3
@@ -297,17 +298,11 @@ def step_cost(model: ModelConfig, cluster: Cluster, workload: Workload, layout: 
     p = DTYPE_BYTES[model.params_dtype]
     s, b, h = workload.seq_length, workload.micro_batch_size, model.hidden_size
     m = workload.global_batch_size // (b * dp)
-    head_dim = model.kv_channels or h // model.num_attention_heads
-    # Forward FLOPs per token: 2 per weight of every GEMM (the output layer included, the
-    # embedding lookup not) plus QK^T and AV over the whole sequence (no causal discount).
-    gemm_params = model.num_parameters() - model.vocab_size * h * (0 if model.tie_embeddings else 1)
-    fwd_flops = 2 * gemm_params + 4 * model.num_layers * s * model.num_attention_heads * head_dim
-    # Passes in forward units: training forward + backward (2) + estimation forward (IFT)
-    # + recomputed forward (full).
+    # Forward passes (activation traffic): training + estimation (IFT) + recomputed (full).
     forward_passes = 1 + (1 if workload.ift else 0) + (1 if recompute == "full" else 0)
-    tokens = workload.global_batch_size * s
-    compute = tokens * fwd_flops * (forward_passes + 2) / (
-        cluster.world_size * cluster.peak_tflops * 1e12 * cluster.mfu)
+    flops = step_flops(model, global_batch_size=workload.global_batch_size, seq_length=s,
+                       estimation_pass=workload.ift, full_recompute=recompute == "full")
+    compute = flops / (cluster.world_size * cluster.peak_tflops * 1e12 * cluster.mfu)
     bubble = compute * (pp - 1) / (vpp * m)
 
     def bandwidth(span: int) -> float:

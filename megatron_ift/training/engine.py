@@ -16,6 +16,7 @@ from megatron_ift.device import once_per_step
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.models.gpt import build_gpt_chunks, transformer_config
 from megatron_ift.parallel import ParallelConfig
+from megatron_ift.training.frozen_embedding import freeze_input_embedding
 # OptimizerConfig lives with the other config sections (importing it needs no megatron-core);
 # it is re-exported here for the callers that build an optimizer.
 from megatron_ift.training.config import OptimizerConfig, warmup_steps  # noqa: F401
@@ -25,23 +26,28 @@ def build_model(
     model: ModelConfig,
     parallel: ParallelConfig,
     *,
-    freeze_input_embedding: bool = False,
+    mixing_embeddings: str = "live",
     transformer_overrides: Optional[dict[str, Any]] = None,
 ) -> tuple[list[DistributedDataParallel], TransformerConfig]:
     """This rank's chunks wrapped in megatron-core DDP, and their ``TransformerConfig``.
 
     Args:
-        freeze_input_embedding: stop training an untied input embedding (IFT's ``detached``
-            mixing embeddings, as in the reference trainer).
+        mixing_embeddings: ``IFTConfig.mixing_embeddings`` of the steps the model will run;
+            ``detached`` freezes an untied input embedding
+            (:mod:`megatron_ift.training.frozen_embedding`).
+        transformer_overrides: extra ``TransformerConfig`` fields (recomputation, FP8).
+
+    Returns:
+        ``(chunks, config)``; ``config`` is wired for the step: losses are ``(sum, count)``
+        (``calculate_per_token_loss``), gradients finalised once per step.
     """
     config = transformer_config(model, parallel, **(transformer_overrides or {}))
+    # Every loss function of the project returns (sum, count) (IFTStep's, and the SFT limit's):
+    # the schedule must not rescale it, and finalize_model_grads divides the gradients by the
+    # count summed over micro-batches and data-parallel ranks. Set here, once, for every step.
     config.calculate_per_token_loss = True
     chunks = build_gpt_chunks(model, parallel, config)
-    if freeze_input_embedding and not model.tie_embeddings:
-        for c in chunks:
-            if c.pre_process:
-                for p in c.embedding.word_embeddings.parameters():
-                    p.requires_grad_(False)
+    freeze_input_embedding(chunks, mixing_embeddings)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.overlap_grad_reduce,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -19,7 +18,7 @@ from megatron_ift.checkpoint import layout
 from megatron_ift.config_io import dump_yaml, to_dict
 from megatron_ift.device import compute_device
 from megatron_ift.parallel import model_parallel_seed, use_cpu_compat_without_cuda
-from megatron_ift.training import run_dir
+from megatron_ift.training import metrics, run_dir
 from megatron_ift.training.config import RunConfig
 from megatron_ift.validation import ConfigError
 
@@ -73,12 +72,6 @@ def _seed_step(seed: int, step: int) -> None:
     s = (seed * 1_000_003 + step) % (2**31 - 1)
     torch.manual_seed(s)
     model_parallel_seed(s)
-
-
-def _peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _transformer_overrides(cfg: RunConfig) -> dict[str, Any]:
@@ -180,7 +173,7 @@ class Trainer:
         check_vocab(self.data.tokenizer, cfg.model.vocab_size, cfg.data.tokenizer_path)
         self.chunks, self.tconfig = build_model(
             cfg.model, cfg.parallel,
-            freeze_input_embedding=cfg.ift.mixing_embeddings == "detached",
+            mixing_embeddings=cfg.ift.mixing_embeddings,
             transformer_overrides=_transformer_overrides(cfg),
         )
         self.optimizer = build_optimizer(self.chunks, cfg.optimizer, cfg.model, cfg.parallel, self.tconfig)
@@ -379,22 +372,17 @@ class Trainer:
     def _log(self, step: int, out, grad_norm, elapsed: float, bar) -> None:
         cfg = self.cfg
         m = dict(out.metrics)
-        tokens = cfg.train.global_batch_size * cfg.data.seq_length
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        passes = 4.0 if m["lambda"] > 0 else 3.0  # estimation pass = one extra forward
-        n = cfg.model.num_parameters()
-        attn = 2 * cfg.model.num_layers * cfg.model.hidden_size * cfg.data.seq_length
-        flops = tokens * passes * (2 * n + attn)
-        m.update({
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "step_time": elapsed,
-            "tokens_per_second": tokens / elapsed,
-            "tflops_per_gpu": flops / elapsed / world / 1e12,
-            "peak_memory_gb": _peak_memory_gb(),
-        })
-        if torch.cuda.is_available():
-            m["mfu"] = m["tflops_per_gpu"] / cfg.logging.peak_tflops
+        rates = metrics.throughput(
+            cfg.model, global_batch_size=cfg.train.global_batch_size, seq_length=cfg.data.seq_length,
+            seconds=elapsed, world_size=dist.get_world_size() if dist.is_initialized() else 1,
+            estimation_pass=m["lambda"] > 0, full_recompute=cfg.train.recompute == "full",
+            peak_tflops=cfg.logging.peak_tflops,
+        )
+        if not torch.cuda.is_available():
+            del rates["mfu"]  # a GPU's peak says nothing about a CPU run
+        m.update(rates, lr=self.optimizer.param_groups[0]["lr"],
+                 grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                 step_time=elapsed, peak_memory_gb=metrics.peak_memory_gb())
         scale = getattr(self.optimizer, "get_loss_scale", None)
         if scale is not None:
             m["loss_scale"] = float(scale())

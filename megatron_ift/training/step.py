@@ -41,6 +41,7 @@ from megatron_ift.ift import (
     lambda_at,
     mixed_word_embeddings,
 )
+from megatron_ift.training.frozen_embedding import check_input_embedding
 from megatron_ift.training.microbatch import MicroBatch, prepare_microbatches
 from megatron_ift.ift.logprobs import linear_label_logprobs
 from megatron_ift.training.output_selection import (
@@ -106,11 +107,12 @@ class IFTStep:
         self.thd = thd
         self.device = compute_device()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self._config = unwrap(self.chunks[0]).config
-        # The loss function returns (sum, count): no division by tokens or micro-batches.
-        self._config.calculate_per_token_loss = True
-        if cfg.mixing_embeddings == "detached":
-            self._freeze_input_only_embeddings()
+        config = unwrap(self.chunks[0]).config
+        if not config.calculate_per_token_loss:
+            # The loss function returns (sum, count): the schedule must not divide it.
+            raise ValueError("IFTStep needs a model built by training.engine.build_model "
+                             "(its TransformerConfig sets calculate_per_token_loss)")
+        check_input_embedding(self.chunks, cfg.mixing_embeddings)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -324,20 +326,6 @@ class IFTStep:
                     f"({self.micro_batch_size}, {self.seq_length}) (micro_batch_size, seq_length)"
                 )
             check_labels(mb["labels"], mb["loss_mask"], self.vocab_size)
-
-    def _freeze_input_only_embeddings(self) -> None:
-        """With detached mixing an untied input embedding never receives a gradient (reference
-        behaviour): freeze it so optimizers and DDP buckets leave it alone."""
-        for c in self.chunks:
-            bare = unwrap(c)
-            if bare.pre_process and not bare.share_embeddings_and_output_weights:
-                for p in bare.embedding.word_embeddings.parameters():
-                    if p.requires_grad:
-                        raise ValueError(
-                            "mixing_embeddings='detached' with untied embeddings: freeze the input "
-                            "embedding before wrapping the model (training.engine does this); "
-                            "it never trains in the reference"
-                        )
 
     def _reduce(self, sums: torch.Tensor, weight_max: torch.Tensor, lam: float) -> StepOutput:
         """Sum over the pipeline (only the last stage holds values) and data-parallel ranks.

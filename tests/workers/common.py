@@ -50,6 +50,11 @@ def dump(path: str, obj) -> None:
 def make_global_batch(num_samples: int, seq: int, vocab: int, seed: int = 0, packed: bool = False):
     """A deterministic global batch of SFT-style samples: random prompt lengths, answer masks.
 
+    Args:
+        packed: every row holds two samples and a padding segment (``segment_ids``; positions
+            restart per segment; a segment's last position trains nothing, its label being the
+            next segment's first token), as :mod:`megatron_ift.data.packing` builds them.
+
     Returns a dict of tensors ``[num_samples, seq]`` (Megatron convention: labels = tokens
     shifted left, loss_mask over labels).
     """
@@ -59,11 +64,22 @@ def make_global_batch(num_samples: int, seq: int, vocab: int, seed: int = 0, pac
     segment_ids = torch.zeros(num_samples, seq, dtype=torch.long)
     position_ids = torch.arange(seq).repeat(num_samples, 1)
     for i in range(num_samples):
-        prompt = int(torch.randint(1, seq // 2, (1,), generator=g))
+        if not packed:
+            prompt = int(torch.randint(1, seq // 2, (1,), generator=g))
+            end = seq - int(torch.randint(0, 3, (1,), generator=g))
+            loss_mask[i, prompt - 1 : end - 1] = 1.0
+            continue
         end = seq - int(torch.randint(0, 3, (1,), generator=g))
-        loss_mask[i, prompt - 1 : end - 1] = 1.0
+        cut = int(torch.randint(seq // 3, 2 * seq // 3, (1,), generator=g))
+        spans = [(0, cut), (cut, end)] + ([(end, seq)] if end < seq else [])  # padding last
+        for j, (lo, hi) in enumerate(spans):
+            segment_ids[i, lo:hi] = j
+            position_ids[i, lo:hi] = torch.arange(hi - lo)
+            if hi <= end:  # a sample: prompt, then answer up to its last position
+                prompt = int(torch.randint(1, max(2, (hi - lo) // 2), (1,), generator=g))
+                loss_mask[i, lo + prompt - 1 : hi - 1] = 1.0
     if num_samples > 1:
-        loss_mask[1] = 0.0  # an all-prompt sample: n = 0
+        loss_mask[1] = 0.0  # an all-prompt row: n = 0
     batch = {
         "tokens": tokens[:, :-1].contiguous(),
         "labels": tokens[:, 1:].contiguous(),
@@ -71,6 +87,8 @@ def make_global_batch(num_samples: int, seq: int, vocab: int, seed: int = 0, pac
         "position_ids": position_ids,
         "sample_ids": torch.arange(num_samples),
     }
+    if packed:
+        batch["segment_ids"] = segment_ids
     return batch
 
 

@@ -35,7 +35,11 @@ def grads(chunks):
 
 
 def main():
-    opts = json.loads(sys.argv[1])
+    run(json.loads(sys.argv[1]))
+
+
+def run(opts):
+    """Both steps at ``opts["tp"]``; writes the comparison to ``opts["out"]``."""
     par = setup(tp=opts["tp"])  # pipeline size 1: every rank holds the loss
     model_cfg = tiny_model()
     chunks, config = build_model(model_cfg, par)

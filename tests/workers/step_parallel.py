@@ -1,6 +1,13 @@
 """One IFT step at a parallel layout from the reference's initial weights; compares the loss,
 every gradient and every parameter after one optimizer step with the single-process reference
-(loaded into this layout through dist_checkpointing's resharding)."""
+(loaded into this layout through dist_checkpointing's resharding).
+
+``argv[1]`` is a JSON list of specs run one after another in this launch (one launch per world
+size saves a process start per layout), each with its ``kind``: ``layout`` (:func:`run`),
+``reference`` (``step_reference.reference_step``, world size 1) or ``sft_exact``
+(``sft_exact.run``). Each spec writes its own result file, so the test can tell which spec a
+failed launch stopped at.
+"""
 
 import json
 import os
@@ -47,11 +54,20 @@ def _gather(d: dict) -> dict:
 
 
 def main():
-    """Runs every spec of the JSON list in argv[1], one layout after another in this world."""
+    """Runs every spec of the JSON list in argv[1], one after another in this world."""
+    import sft_exact
+    import step_reference
+
     for i, opts in enumerate(json.loads(sys.argv[1])):
         if i:
             parallel_state.destroy_model_parallel()
-        run(opts)
+        kind = opts.get("kind", "layout")
+        if kind == "reference":
+            step_reference.reference_step(opts, setup())
+        elif kind == "sft_exact":
+            sft_exact.run(opts)
+        else:
+            run(opts)
 
 
 def run(opts):
@@ -62,11 +78,12 @@ def run(opts):
     )
     model_cfg = tiny_model(**opts.get("model", {}))
     ift = IFTConfig(**opts["ift"])
-    chunks, config = build_model(model_cfg, par, freeze_input_embedding=ift.mixing_embeddings == "detached")
+    chunks, config = build_model(model_cfg, par, mixing_embeddings=ift.mixing_embeddings)
     load_model(chunks, os.path.join(ref, "init"))
     optimizer = build_optimizer(chunks, OptimizerConfig(**opts["optim"]), model_cfg, par, config)
 
-    batch = make_global_batch(opts["global_batch"], opts["seq"], model_cfg.vocab_size, seed=opts["seed"])
+    batch = make_global_batch(opts["global_batch"], opts["seq"], model_cfg.vocab_size, seed=opts["seed"],
+                              packed=opts.get("packed", False))
     mbs = split_microbatches(
         batch, parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(), opts["mbs"],

@@ -1,5 +1,5 @@
 """Single-process reference of one IFT step: plain autograd on a TP1/PP1 model with
-``megatron_ift.reference`` (the spec oracle) on the whole global batch, then torch AdamW.
+``tests/reference.py`` (the spec oracle) on the whole global batch, then torch AdamW.
 
 Writes ``<ref>/init`` (the shared initial weights), ``<ref>/grads`` and ``<ref>/params`` (as
 model-layout dist checkpoints, so any parallel layout can load them) and ``<ref>/ref.json``.
@@ -14,10 +14,13 @@ from common import make_global_batch, save_grads_as_model, setup, tiny_model
 
 import torch
 
-from megatron_ift import reference
-from megatron_ift.checkpoint.model_io import save_model
-from megatron_ift.ift import IFTConfig, lambda_at
-from megatron_ift.models.gpt import build_gpt_chunks
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import reference  # noqa: E402  (tests/reference.py, the spec oracle)
+
+from megatron_ift.checkpoint.model_io import save_model  # noqa: E402
+from megatron_ift.data.packing import attention_mask  # noqa: E402
+from megatron_ift.ift import IFTConfig, lambda_at  # noqa: E402
+from megatron_ift.models.gpt import build_gpt_chunks  # noqa: E402
 
 
 def main():
@@ -36,23 +39,28 @@ def reference_step(opts, par):
     cfg = IFTConfig(**opts["ift"])
     (model,) = build_gpt_chunks(model_cfg, par)
     save_model([model], os.path.join(ref, "init"))
-    b = make_global_batch(opts["global_batch"], opts["seq"], model_cfg.vocab_size, seed=opts["seed"])
+    b = make_global_batch(opts["global_batch"], opts["seq"], model_cfg.vocab_size, seed=opts["seed"],
+                          packed=opts.get("packed", False))
     V = model_cfg.vocab_size
+    seg = b.get("segment_ids")
+    mask = attention_mask(b)  # packed rows: block-diagonal causal; else megatron-core's causal
 
     lam = lambda_at(cfg, 0)
     model.eval()
     with torch.no_grad():
-        logits = model(b["tokens"], b["position_ids"], None)  # [b, s, V_padded]
-    xhat = reference.estimated_tokens(logits[..., :V], b["tokens"], b["loss_mask"], cfg)
+        logits = model(b["tokens"], b["position_ids"], mask)  # [b, s, V_padded]
+    xhat = reference.estimated_tokens(logits[..., :V], b["tokens"], b["loss_mask"], cfg, 0,
+                                      segment_ids=seg, sample_ids=b["sample_ids"])
     # the estimation pass's metric: SFT loss of the ground-truth input (gamma 0: plain CE)
-    loss_sft, _ = reference.ift_loss(logits, b["labels"], b["loss_mask"], dataclasses.replace(cfg, gamma=0.0))
+    loss_sft, _ = reference.ift_loss(logits, b["labels"], b["loss_mask"], dataclasses.replace(cfg, gamma=0.0),
+                                     segment_ids=seg)
     model.train()
     E = model.embedding.word_embeddings.weight
     if cfg.mixing_embeddings == "detached":
         E = E.detach()
     mixed = reference.mixed_inputs(E, b["tokens"], xhat, lam).transpose(0, 1).contiguous()
-    logits = model(b["tokens"], b["position_ids"], None, decoder_input=mixed)
-    loss, metrics = reference.ift_loss(logits, b["labels"], b["loss_mask"], cfg)
+    logits = model(b["tokens"], b["position_ids"], mask, decoder_input=mixed)
+    loss, metrics = reference.ift_loss(logits, b["labels"], b["loss_mask"], cfg, segment_ids=seg)
     loss.backward()
     save_grads_as_model([model], os.path.join(ref, "grads"))
 

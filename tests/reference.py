@@ -1,8 +1,13 @@
-"""Single-process reference of the IFT method, written straight from shared/IFT_SPEC.md.
+"""Single-process reference of the IFT method, written straight from docs/method.md.
 
-Plain PyTorch on full-vocabulary tensors in ``[batch, seq, vocab]`` layout, with explicit Python
-loops over samples and positions: slow, obvious, float64 capable. It shares no code with the
-production path (``megatron_ift.ift``) and is the oracle every parallel test compares against.
+A test oracle (it lives under ``tests/``, not in the package). Plain PyTorch on full-vocabulary
+tensors in ``[batch, seq, vocab]`` layout, with explicit Python loops over samples and positions:
+slow, obvious, float64 capable. It shares no code with the production path
+(``megatron_ift.ift``) but one definition, the sampling estimators' noise
+(:func:`megatron_ift.ift.estimators.gumbel_noise`, a hash keyed on (seed, step, sample,
+position, vocabulary id) that the method fixes so that sampling does not depend on the layout);
+the sampling rule around it (temperature, nucleus, Gumbel-max) is written here independently.
+It is the oracle every parallel test compares against.
 
 Conventions (spec): ``labels[t] = tokens[t + 1]``; ``loss_mask[t] = 1`` where ``labels[t]`` is an
 answer token. ``segment_ids`` (optional ``[b, s]``) marks packed samples; every contiguous run of
@@ -42,27 +47,48 @@ def estimated_tokens(
     step: int = 0,
     *,
     segment_ids: Optional[torch.Tensor] = None,
+    sample_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The estimated sequence ``xhat`` of spec step 2 for the deterministic estimators.
+    """The estimated sequence ``xhat`` of spec step 2.
 
     Args:
         logits: ``[b, s, V]`` logits over the true vocabulary of the ground-truth pass.
-        tokens: ``[b, s]`` input ids. loss_mask: ``[b, s]``. cfg: ``greedy`` or ``kth``.
-        step: unused by deterministic estimators (kept for interface stability).
+        tokens: ``[b, s]`` input ids. loss_mask: ``[b, s]``. cfg: any estimator.
+        step: the optimizer step (keys the sampling noise).
+        segment_ids: ``[b, s]`` packed samples (a segment's first token keeps its id).
+        sample_ids: ``[b]`` global row ids keying the sampling noise (default ``arange(b)``).
     """
-    del step
-    if cfg.estimator not in ("greedy", "kth"):
-        raise NotImplementedError("the reference covers the deterministic estimators only")
     b, s, _ = logits.shape
-    rank = 1 if cfg.estimator == "greedy" else cfg.k
+    if sample_ids is None:
+        sample_ids = torch.arange(b)
     out = tokens.clone()
     for i in range(b):
         seg_start = {start for start, _ in _segments(None if segment_ids is None else segment_ids[i], s)}
         for t in range(1, s):
             if loss_mask[i, t - 1] and t not in seg_start:
-                order = torch.sort(logits[i, t - 1], descending=True, stable=True).indices
-                out[i, t] = order[rank - 1]
+                out[i, t] = _estimate_one(logits[i, t - 1], cfg, step, int(sample_ids[i]), t - 1)
     return out
+
+
+def _estimate_one(z: torch.Tensor, cfg: IFTConfig, step: int, sample_id: int, position: int) -> int:
+    """One estimate from the logits ``z [V]`` at ``position`` of sample ``sample_id``."""
+    if cfg.estimator in ("greedy", "kth"):
+        order = torch.sort(z, descending=True, stable=True).indices  # ties: lowest id first
+        return int(order[(1 if cfg.estimator == "greedy" else cfg.k) - 1])
+    from megatron_ift.ift.estimators import gumbel_noise
+
+    scaled = z.double() / cfg.temperature
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if cfg.estimator == "top_p":
+        # The nucleus: the most likely tokens, in order, until their probability reaches p;
+        # every token as likely as the last one taken is in it too.
+        probs = torch.softmax(scaled, dim=0)
+        ordered = torch.sort(probs, descending=True, stable=True).values
+        last = int((torch.cumsum(ordered, 0) >= cfg.top_p).nonzero()[0]) if cfg.top_p < 1 else len(ordered) - 1
+        keep = probs >= ordered[last]
+    noise = gumbel_noise(cfg.seed, step, torch.tensor(sample_id), torch.tensor(position),
+                         torch.arange(len(z))).double()
+    return int(torch.where(keep, scaled + noise, torch.tensor(-math.inf, dtype=torch.float64)).argmax())
 
 
 def _discounted(items: list[torch.Tensor], gamma: float, reverse: bool) -> list[torch.Tensor]:
