@@ -11,6 +11,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ift", "megatron_ift.*"]),
     include_package_data=True,
+    # The study configs ship with the package (python -m megatron_ift.studies.run_study finds them by name).
+    package_data={"megatron_ift.studies": ["configs/*.yaml"]},
     install_requires=[
         # The range megatron-core 0.16.1 asks for, so an NGC container keeps its own torch. The CPU
         # build (torch 2.13.0) is pinned by constraints/cpu.txt, which the README's CPU

