@@ -18,7 +18,7 @@ import time
 import pytest
 
 from dist_utils import ROOT
-from train_utils import DEMO, FAST, metrics
+from train_utils import DEMO, FAST, WarmTrainer, losses, metrics
 
 WORKER = os.path.join(ROOT, "tests", "workers", "hardening_train.py")
 # One data file and short steps keep every run to a few seconds of work after start-up.
@@ -38,10 +38,17 @@ def _cmd(run, *overrides, config=DEMO):
     return [sys.executable, WORKER, "--config", str(config), f"checkpoint.dir={run}", *SMALL, *overrides]
 
 
-def train(run, *overrides, config=DEMO, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """A world-of-one ``megatron-ift train`` run to its end (through the test-hook worker)."""
-    return subprocess.run(_cmd(run, *overrides, config=config), capture_output=True, text=True,
-                          cwd=ROOT, env=_env(env), timeout=timeout)
+@pytest.fixture
+def train():
+    """A world-of-one ``megatron-ift train`` run to its end: ``train(run, *overrides, config=)``.
+
+    The runs of one test share one warm process (``train_utils.WarmTrainer``): what they check
+    happens inside ``main`` (checkpoint loading, option checks, the non-finite policy), and the
+    imports are paid once per test instead of once per run. Signals and killed processes use
+    real processes (``start``)."""
+    with WarmTrainer() as warm:
+        yield lambda run, *overrides, config=DEMO: warm.run(
+            ["--config", str(config), f"checkpoint.dir={run}", *SMALL, *overrides])
 
 
 def start(run, *overrides, env=None) -> subprocess.Popen:
@@ -71,7 +78,7 @@ def _one_line_error(r: subprocess.CompletedProcess, code: int, needle: str) -> s
     return errs[0]
 
 
-def test_damaged_checkpoint_is_reported_and_never_kept_as_latest(tmp_path):
+def test_damaged_checkpoint_is_reported_and_never_kept_as_latest(tmp_path, train):
     run = tmp_path / "run"
     r = train(run, "train.steps=2", "checkpoint.save_interval=1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -117,10 +124,13 @@ def _cosine_lr(step, *, lr, min_lr, warmup, total):
     return min_lr + (lr - min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
 
 
-def test_resume_refuses_a_changed_schedule_or_applies_it_when_asked(tmp_path):
+def test_resume_refuses_a_changed_schedule_or_applies_it_when_asked(tmp_path, train):
     run = tmp_path / "run"
     r = train(run, "train.steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
+    # A second run in the same warm process computes the same losses: nothing leaks between runs.
+    again = train(tmp_path / "again", "train.steps=2")
+    assert again.returncode == 0 and losses(str(tmp_path / "again")) == losses(str(run))
     # Resume with the run folder's own config.yaml as --config: it must not be overwritten.
     saved = run / "config.yaml"
     text = saved.read_text()
@@ -149,7 +159,7 @@ def test_resume_refuses_a_changed_schedule_or_applies_it_when_asked(tmp_path):
     assert (run / "COMPLETED").read_text().strip() == "4"
 
 
-def test_divergence_ends_with_the_nonfinite_policy(tmp_path):
+def test_divergence_ends_with_the_nonfinite_policy(tmp_path, train):
     run = tmp_path / "run"
     r = train(run, "train.steps=6", "optimizer.lr=1e30", "optimizer.clip_grad=0",
               "train.nonfinite_policy=stop", "optimizer.lr_warmup_steps=0")
@@ -234,7 +244,7 @@ def test_killed_trainer_leaves_no_child_holding_its_stdout(tmp_path):
             pass
 
 
-def test_a_live_run_keeps_its_folder(tmp_path):
+def test_a_live_run_keeps_its_folder(tmp_path, train):
     run = tmp_path / "run"
     run.mkdir()
     parent = os.getppid()  # a live process on this host stands in for the other run
@@ -251,7 +261,7 @@ def test_a_live_run_keeps_its_folder(tmp_path):
     assert not (run / "run.lock").exists()  # released at the end
 
 
-def test_tokenizer_problems_are_refused_before_the_data_is_built(tmp_path):
+def test_tokenizer_problems_are_refused_before_the_data_is_built(tmp_path, train):
     empty = tmp_path / "tokenizer"
     empty.mkdir()
     r = train(tmp_path / "a", f"data.tokenizer_path={empty}")
