@@ -69,6 +69,25 @@ def test_addition_worked_answers_and_scoring(tmp_path):
     assert ct.score_additions(replies, test) == {"exact_match": 0.5, "no_number_rate": 0.5}
 
 
+def test_step_time_ratio_is_the_ratio_of_medians_without_the_first_step(tmp_path):
+    started = []
+
+    def fake_train_run(base_cfg, run_dir, point, seed, threads, extra):
+        started.append((point.method, extra))
+        os.makedirs(os.path.join(run_dir, "iter_0000003"))
+        first, rest = (60.0, [2.0, 2.2, 1.8]) if point.method == "SFT" else (90.0, [2.6, 2.8, 3.0])
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as fh:
+            for i, t in enumerate([first, *rest], 1):
+                fh.write(json.dumps({"step": i, "step_time": t}) + "\n")
+        return 1.0
+
+    out = pretrained.measure_ratio("cfg.yaml", str(tmp_path), {"max_lambda": 0.2, "gamma": 0.95},
+                                   4, 2, fake_train_run, lambda msg: None)
+    assert out == {"sft_step_s": 2.0, "ift_step_s": 2.8, "ratio": pytest.approx(1.4), "timed_steps": 3}
+    assert [m for m, _ in started] == ["SFT", "IFT"] and "train.steps=4" in started[0][1]
+    assert not list(tmp_path.glob("calibration/*/iter_*"))  # checkpoints freed
+
+
 def test_paired_summary_counts_direction():
     runs = []
     for seed, (ift, sft_n, sft_c) in enumerate(((0.5, 0.4, 0.6), (0.3, 0.2, 0.1), (0.2, 0.3, 0.3)), 1):
@@ -108,12 +127,13 @@ def tiny_study(tmp_path_factory):
     _tiny_llama(str(hf))
     with open(run_study.resolve_config("smollm2"), encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
-    cfg["study"].update(base_model=str(hf), seeds=[1, 2], calibration_steps=3, eval_batch_size=8)
+    # One seed and a set ratio keep it to two training processes (measure_ratio has its own test).
+    cfg["study"].update(base_model=str(hf), seeds=[1], compute_ratio=1.5, eval_batch_size=8)
     cfg["study"]["tasks"]["frozen_lake_chat"].update(
         max_new_tokens=6, data={"train_maps": 30, "episodes_per_map": 1, "test_maps": 6})
     cfg["study"]["tasks"]["addition"].update(
         max_new_tokens=6, data={"digits": 2, "train_items": 40, "test_items": 6})
-    cfg["train"]["steps"] = 3
+    cfg["train"]["steps"] = 2
     cfg["data"]["seq_length"] = 256
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -135,15 +155,13 @@ def tiny_study(tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_pretrained_study_runs_every_piece(tiny_study):
     res = tiny_study["results"]
-    ratio = res["compute"]["ratio"]
-    assert ratio > 0 and res["steps"] == 3 and res["sft_steps"] == max(3, round(ratio * 3))
+    assert res["compute"]["ratio"] == 1.5 and res["steps"] == 2 and res["sft_steps"] == 3
     assert "model" in res["train_config"] and res["train_config"]["checkpoint"]["pretrained"]
     assert set(res["tasks"]) == {"frozen_lake_chat", "addition"}
     for name, task in res["tasks"].items():
         assert set(task["base"]["metrics"]) == {c["key"] for c in task["columns"]}
         points = {(r["point"], r["seed"], r["step"]) for r in task["runs"]}
-        assert points == {("ift", s, 3) for s in (1, 2)} | {("sft_steps", s, 3) for s in (1, 2)} | \
-            {("sft_compute", s, res["sft_steps"]) for s in (1, 2)}
+        assert points == {("ift", 1, 2), ("sft_steps", 1, 2), ("sft_compute", 1, 3)}
         assert [c["label"] for c in task["summary"]["comparisons"]] == [
             "IFT minus SFT, equal steps", "IFT minus SFT, equal compute"]
     by = {(t["method"], t["seed"]): t for t in res["training"]}
@@ -159,7 +177,7 @@ def test_tiny_pretrained_study_runs_every_piece(tiny_study):
     assert "IFT minus SFT, equal compute" in text and "base model (no fine-tuning)" in text
     # the checkpoints were evaluated, then deleted (1.6 GB each at SmolLM2's size)
     runs = tiny_study["root"] / "work" / "runs"
-    assert not list(runs.glob("*/iter_*")) and len(list(runs.glob("*/study_eval_*.json"))) == 6
+    assert not list(runs.glob("*/iter_*")) and len(list(runs.glob("*/study_eval_*.json"))) == 3
 
 
 @pytest.mark.slow

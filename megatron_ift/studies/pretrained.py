@@ -15,8 +15,9 @@ Per study config (``studies/smollm2_*.yaml``) the driver
    (SFT at ``N``) and **equal compute** (SFT at its last step, the steps that cost what IFT's
    ``N`` did);
 5. evaluates every checkpoint with greedy KV-cache decoding in the model's chat template
-   (:class:`.chat_model.ChatModel`) and the teacher-forced loss of reference answers, then
-   deletes the checkpoint (``study.keep_checkpoints``), keeping metrics and evaluations.
+   (:class:`.chat_model.ChatModel`) and the teacher-forced loss of reference answers, in a
+   background thread while the next run trains, then deletes the checkpoint
+   (``study.keep_checkpoints``), keeping metrics and evaluations.
 
 Every run is a ``python -m megatron_ift.train`` subprocess started from the import
 (``checkpoint.pretrained``), with the model's own tokenizer and chat template.
@@ -24,6 +25,7 @@ Every run is a ``python -m megatron_ift.train`` subprocess started from the impo
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import gc
 import json
@@ -312,33 +314,52 @@ def run_pretrained(config_path: str, args, log: Callable[[str], None]) -> dict[s
     ift_point, sft_point = Point(float(ift["max_lambda"]), float(ift["gamma"])), Point(0.0, 0.0)
     runs: list[dict] = []
     training: list[dict] = []
-    for seed in study.get("seeds", [1, 2, 3]):
-        for point, n in ((ift_point, steps), (sft_point, sft_steps)):
-            run_dir = os.path.join(work, "runs", f"{point.key}_s{seed}")
-            train_s = train_run(base_cfg, run_dir, point, int(seed), args.threads,
-                                extra(n, steps if point.method == "SFT" else None))
-            times = [m["step_time"] for m in _read_metrics(run_dir)]
-            training.append({"method": point.method, "lambda": point.lam, "gamma": point.gamma,
-                             "seed": int(seed), "steps": n, "train_s": train_s,
-                             "median_step_s": statistics.median(times[1:] or times),
-                             "curve": read_curve(run_dir, every=1)})
-            at_steps = [steps] if point.method == "IFT" else sorted({steps, sft_steps})
-            for at in at_steps:
-                key = "ift" if point.method == "IFT" else ("sft_steps" if at == steps else "sft_compute")
-                ckpt = os.path.join(run_dir, layout.iter_name(at))
-                result, eval_s = _eval_all(tasks, ckpt, tokenizer_dir,
-                                           os.path.join(run_dir, f"study_eval_{at}.json"), batch)
-                keys = [key] + (["sft_compute"] if point.method == "SFT" and sft_steps == steps else [])
-                for k in keys:
-                    for name, task in tasks.items():
-                        runs.append({"task": name, "point": k, "method": point.method, "seed": int(seed),
-                                     "step": at, "metrics": headline(task.kind, result[name]),
-                                     "eval": result[name]})
-                log(f"{key} seed {seed} step {at}: train {train_s:.0f}s eval {eval_s:.0f}s | "
-                    + " | ".join(f"{name}: {_fmt(headline(t.kind, result[name]))}"
-                                 for name, t in tasks.items()))
-            if not study.get("keep_checkpoints", False):
-                _drop_checkpoints(run_dir)
+    def evaluate_run(seed: int, point, run_dir: str, train_s: float) -> list[dict]:
+        """Score the run's checkpoints (IFT: step N; SFT: N and its last step), then free them."""
+        out = []
+        at_steps = [steps] if point.method == "IFT" else sorted({steps, sft_steps})
+        for at in at_steps:
+            key = "ift" if point.method == "IFT" else ("sft_steps" if at == steps else "sft_compute")
+            ckpt = os.path.join(run_dir, layout.iter_name(at))
+            result, eval_s = _eval_all(tasks, ckpt, tokenizer_dir,
+                                       os.path.join(run_dir, f"study_eval_{at}.json"), batch)
+            keys = [key] + (["sft_compute"] if point.method == "SFT" and sft_steps == steps else [])
+            for k in keys:
+                for name, task in tasks.items():
+                    out.append({"task": name, "point": k, "method": point.method, "seed": seed,
+                                "step": at, "metrics": headline(task.kind, result[name]),
+                                "eval": result[name]})
+            log(f"{key} seed {seed} step {at}: train {train_s:.0f}s eval {eval_s:.0f}s | "
+                + " | ".join(f"{name}: {_fmt(headline(t.kind, result[name]))}"
+                             for name, t in tasks.items()))
+        if not study.get("keep_checkpoints", False):
+            _drop_checkpoints(run_dir)
+        return out
+
+    # Checkpoints are evaluated in a background thread of this process while the next run
+    # trains in its subprocess, one evaluation at a time, in order; a failed evaluation stops
+    # the study at the next run boundary.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    pending: list[concurrent.futures.Future] = []
+    try:
+        for seed in study.get("seeds", [1, 2, 3]):
+            for point, n in ((ift_point, steps), (sft_point, sft_steps)):
+                for fut in pending:
+                    if fut.done():
+                        fut.result()  # raises a failed evaluation's error now
+                run_dir = os.path.join(work, "runs", f"{point.key}_s{seed}")
+                train_s = train_run(base_cfg, run_dir, point, int(seed), args.threads,
+                                    extra(n, steps if point.method == "SFT" else None))
+                times = [m["step_time"] for m in _read_metrics(run_dir)]
+                training.append({"method": point.method, "lambda": point.lam, "gamma": point.gamma,
+                                 "seed": int(seed), "steps": n, "train_s": train_s,
+                                 "median_step_s": statistics.median(times[1:] or times),
+                                 "curve": read_curve(run_dir, every=1)})
+                pending.append(pool.submit(evaluate_run, int(seed), point, run_dir, train_s))
+        for fut in pending:
+            runs += fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     out_tasks = {}
     for name, task in tasks.items():
         mine = [r for r in runs if r["task"] == name]

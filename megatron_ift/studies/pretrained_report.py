@@ -112,35 +112,36 @@ def plot_curves(results: dict, path: str) -> None:
 
 
 def plot_differences(results: dict, path: str) -> None:
-    """Paired differences IFT minus SFT per seed (dots) with mean ± std, at equal steps and at
-    equal compute, for every task's metrics (one panel per task)."""
+    """Paired differences IFT minus SFT, one dot per seed, mean ± std beside them, at equal steps
+    and at equal compute: per task its headline rate (percentage points) and its held-out loss."""
     plt = _plt()
-    names = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        task = results["tasks"][name]
+    panels = []
+    for name, task in results["tasks"].items():
         cols = task["columns"]
+        rate = cols[0]
+        loss = next((c for c in cols if not c["percent"]), None)
+        panels += [(name, task, c) for c in (rate, loss) if c is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4), squeeze=False)
+    for ax, (name, task, col) in zip(axes[0], panels):
         by = {(r["point"], r["seed"]): r["metrics"] for r in task["runs"]}
-        for j, (ref, marker, label) in enumerate((("sft_steps", "o", "equal steps"),
-                                                  ("sft_compute", "s", "equal compute"))):
-            for i, c in enumerate(cols):
-                scale = 100.0 if c["percent"] else 1.0
-                ds = [scale * (by[("ift", s)][c["key"]] - by[(ref, s)][c["key"]])
-                      for (p, s) in by if p == "ift" and (ref, s) in by]
-                if not ds:
-                    continue
-                x = i + (j - 0.5) * 0.3
-                ax.scatter([x] * len(ds), ds, color=COLOURS[ref], alpha=0.5, s=14, marker=marker)
-                mean = sum(ds) / len(ds)
-                std = (sum((d - mean) ** 2 for d in ds) / (len(ds) - 1)) ** 0.5 if len(ds) > 1 else 0.0
-                ax.errorbar([x], [mean], yerr=[std], color=COLOURS[ref], capsize=3, marker=marker,
-                            label=label if i == 0 else None)
+        scale = 100.0 if col["percent"] else 1.0
+        for x, (ref, label) in enumerate((("sft_steps", "equal steps"), ("sft_compute", "equal compute"))):
+            ds = [scale * (by[("ift", s)][col["key"]] - by[(ref, s)][col["key"]])
+                  for (p, s) in sorted(by) if p == "ift" and (ref, s) in by]
+            if not ds:
+                continue
+            ax.scatter([x - 0.08] * len(ds), ds, color=COLOURS[ref], alpha=0.6, s=16)
+            mean = sum(ds) / len(ds)
+            std = (sum((d - mean) ** 2 for d in ds) / (len(ds) - 1)) ** 0.5 if len(ds) > 1 else 0.0
+            ax.errorbar([x + 0.08], [mean], yerr=[std], color=COLOURS[ref], capsize=3, marker="o")
         ax.axhline(0.0, color="gray", lw=1)
-        ax.set_xticks(range(len(cols)))
-        ax.set_xticklabels([c["label"] + (" (pts)" if c["percent"] else "") for c in cols],
-                           fontsize=7, rotation=15)
-        ax.set(title=f"{name}: IFT minus SFT, same seed", ylabel="difference")
-        ax.legend(fontsize=7)
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels(["equal steps", "equal compute"])
+        ax.set_xlim(-0.5, 1.5)
+        better = "higher" if col["higher_is_better"] else "lower"
+        unit = " (points)" if col["percent"] else ""
+        ax.set(title=f"{name}\n{col['label']}", ylabel=f"IFT minus SFT{unit}; {better} favours IFT")
+        ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
