@@ -10,7 +10,7 @@ import time
 import pytest
 
 from dist_utils import ROOT
-from train_utils import DEMO, losses, single_process
+from train_utils import DEMO, FAST, WarmTrainer, losses, single_process
 
 HARDENING_WORKER = os.path.join(ROOT, "tests", "workers", "hardening_train.py")
 
@@ -98,14 +98,17 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
 @pytest.mark.timeout(900)
 def test_refuses_to_overwrite_another_run(tmp_path):
     run = tmp_path / "run"
-    code, out = _finish(single_process(str(run), "train.steps=3"))
-    assert code == 0, out
-    code, out = _finish(single_process(str(run), "train.steps=3", "model.num_layers=2"))
-    assert code == 2 and "holds checkpoints of another run" in out, out
-    assert "model.num_layers 4 -> 2" in out, out  # names what differs
-    code, out = _finish(single_process(str(run), "train.steps=3", "model.num_layers=2",
-                                       "checkpoint.overwrite=true"))
-    assert code == 0, out
+    base = ["--config", DEMO, f"checkpoint.dir={run}", "parallel.tensor_model_parallel_size=1",
+            *FAST, "train.steps=3"]
+    with WarmTrainer() as warm:  # three runs, one process (see tests/workers/warm_train.py)
+        r = warm.run(base)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = warm.run([*base, "model.num_layers=2"])
+        out = r.stdout + r.stderr
+        assert r.returncode == 2 and "holds checkpoints of another run" in out, out
+        assert "model.num_layers 4 -> 2" in out, out  # names what differs
+        r = warm.run([*base, "model.num_layers=2", "checkpoint.overwrite=true"])
+        assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _cli(*args, env=None):
