@@ -1,21 +1,25 @@
 """YAML <-> frozen dataclass configs, with ``dotted.key=value`` overrides.
 
-Every unknown key, wrong type or bad value fails here, naming the full dotted key, before any
-process group or model is built.
+:func:`from_dict` is the one way a config dataclass is built from a mapping (a YAML file, an
+override, a checkpoint's recorded ``ModelConfig``): every unknown key, wrong type or bad value
+fails there, naming the full dotted key, before any process group or model is built. String
+choices are ``Literal`` types: the type lists the choices, :func:`from_dict` and
+:func:`check_literals` (called from each ``__post_init__``) enforce them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 import yaml
 
 from megatron_ift.errors import one_line
-from megatron_ift.validation import ConfigError
+from megatron_ift.validation import ConfigError, check_choice
 
 T = TypeVar("T")
 
@@ -74,6 +78,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        check_choice(key, value, typing.get_args(tp))
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
@@ -109,9 +116,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_literals(obj: Any, prefix: str) -> None:
+    """Every ``Literal``-typed field of the dataclass ``obj`` holds one of its type's choices.
+
+    Args:
+        obj: a config dataclass instance (called from its ``__post_init__``).
+        prefix: the section name used in messages (``model`` -> ``model.activation=...``).
+
+    Raises:
+        ConfigError: naming the first field whose value is not a choice, and the choices.
+    """
+    for name, tp in _hints(type(obj)).items():
+        if typing.get_origin(tp) is Literal:
+            check_choice(f"{prefix}.{name}", getattr(obj, name), typing.get_args(tp))
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build the frozen dataclass ``cls`` from ``data``, refusing unknown keys."""
-    hints = typing.get_type_hints(cls)
+    """Build the frozen dataclass ``cls`` from ``data``, refusing unknown keys.
+
+    Args:
+        cls: the config dataclass.
+        data: its fields (nested dataclasses as mappings).
+        prefix: the dotted name of ``data`` in messages (``model``, ``train``, ...).
+
+    Raises:
+        ConfigError: one line naming the first unknown, missing, mistyped or invalid key.
+    """
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -134,3 +134,30 @@ def test_config_modules_import_no_megatron_core():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_model_config_has_one_from_dict_path(tmp_path):
+    """A model: section and a checkpoint's recorded model go through ModelConfig.from_dict:
+    an unknown key (say, recorded by a newer version) is refused by name, never dropped."""
+    import dataclasses
+    import json
+
+    from megatron_ift.config_io import to_dict
+    from megatron_ift.models.config import ModelConfig
+
+    demo = load_run_config("configs/demo.yaml")
+    recorded = dict(to_dict(demo.model), future_key=1)
+    with pytest.raises(ConfigError, match=r"^somewhere: unknown key 'model.future_key' in model"):
+        ModelConfig.from_dict(recorded, source="somewhere")
+    assert ModelConfig.from_dict(to_dict(demo.model)) == demo.model
+    ckpt = tmp_path / "imported"
+    ckpt.mkdir()
+    (ckpt / "megatron_ift.json").write_text(json.dumps({"model": recorded}))
+    with pytest.raises(ConfigError, match="unknown key 'model.future_key'") as info:
+        load_run_config("configs/demo.yaml", [f"checkpoint.pretrained={ckpt}", "model=null"])
+    assert str(ckpt) in str(info.value) and "\n" not in str(info.value)
+    # Literal-typed choices are checked from a mapping and at construction alike
+    with pytest.raises(ConfigError, match="model.activation='relu' is not one of 'swiglu', 'gelu'"):
+        ModelConfig.from_dict(dict(to_dict(demo.model), activation="relu"))
+    with pytest.raises(ConfigError, match="train.recompute='some' is not one of"):
+        dataclasses.replace(demo.train, recompute="some")

@@ -162,8 +162,9 @@ def model_section_from_checkpoint(pretrained: str, user: Mapping[str, Any]) -> d
             "keys (only run-time keys such as params_dtype, transformer_impl or dropout may be "
             "set)"
         )
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    merged = {k: v for k, v in recorded.items() if k in known}
+    # one path from a dict to a ModelConfig: a key this version does not know is refused by name
+    ModelConfig.from_dict(recorded, source=f"checkpoint.pretrained={pretrained} ({ckpt})")
+    merged = dict(recorded)
     # agreeing architecture keys keep the recorded value (a YAML 1e-5 is the record's float32
     # 9.9999997e-06): the model is exactly the checkpoint's
     merged.update({k: v for k, v in user.items() if k not in ARCHITECTURE_FIELDS})

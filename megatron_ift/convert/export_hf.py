@@ -10,7 +10,6 @@ memory is a few times the largest single tensor. Padded vocabulary rows are drop
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -54,8 +53,7 @@ def load_model_config(meta: dict[str, Any]) -> ModelConfig:
     if "model" not in meta:
         raise ConversionError("the checkpoint metadata has no 'model' entry (ModelConfig); "
                               "it was not written by megatron-ift")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in meta["model"].items() if k in names})
+    return ModelConfig.from_dict(meta["model"], source="the checkpoint's metadata")
 
 
 def check_checkpoint(reader: DistCheckpointReader, arch: Architecture, cfg: ModelConfig) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Literal, Mapping, Optional, get_args
 
-from megatron_ift.validation import ConfigError, check_choice, check_positive_int, check_range
+from megatron_ift.config_io import check_literals, from_dict
+from megatron_ift.validation import ConfigError, check_positive_int, check_range
 
-DTYPES = ("float32", "bfloat16", "float16")
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES = get_args(Dtype)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -38,7 +40,7 @@ class ModelConfig:
     """The padded vocabulary is a multiple of this times the tensor-parallel size."""
     max_position_embeddings: int = 4096
     """Longest sequence the model is built for."""
-    position_embedding_type: str = "rope"
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
     """``rope`` (Llama) or ``learned_absolute`` (GPT-2)."""
     rotary_base: float = 10000.0
     """RoPE theta."""
@@ -48,11 +50,11 @@ class ModelConfig:
     """Llama-3.1 style RoPE frequency scaling."""
     rope_scaling_factor: float = 8.0
     """Factor of the Llama-3.1 RoPE scaling."""
-    normalization: str = "RMSNorm"
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """``RMSNorm`` or ``LayerNorm``."""
     norm_epsilon: float = 1e-5
     """Epsilon of the norms."""
-    activation: str = "swiglu"
+    activation: Literal["swiglu", "gelu"] = "swiglu"
     """``swiglu`` (gated SiLU, Llama) or ``gelu``."""
     add_bias_linear: bool = False
     """Biases on every linear layer (GPT-2 style)."""
@@ -66,11 +68,11 @@ class ModelConfig:
     """Dropout after attention/MLP."""
     attention_dropout: float = 0.0
     """Dropout of the attention probabilities."""
-    params_dtype: str = "float32"
+    params_dtype: Dtype = "float32"
     """Parameter / compute dtype: float32, bfloat16 (mixed precision) or float16."""
-    transformer_impl: str = "auto"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """``local`` (megatron-core modules), ``transformer_engine``, or ``auto`` (TE when usable)."""
-    attention_backend: str = "auto"
+    attention_backend: Literal["auto", "sdpa", "local"] = "auto"
     """Core attention of the local spec: ``sdpa`` (PyTorch's fused scaled-dot-product kernel,
     :mod:`megatron_ift.models.attention`), ``local`` (megatron-core's unfused
     ``DotProductAttention``), or ``auto`` (sdpa; Transformer Engine's own when its spec is used)."""
@@ -82,14 +84,7 @@ class ModelConfig:
         for name in ("num_query_groups", "ffn_hidden_size", "kv_channels"):
             if getattr(self, name) is not None:
                 check_positive_int(f"model.{name}", getattr(self, name))
-        check_choice("model.position_embedding_type", self.position_embedding_type,
-                     ("rope", "learned_absolute"))
-        check_choice("model.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
-        check_choice("model.activation", self.activation, ("swiglu", "gelu"))
-        check_choice("model.params_dtype", self.params_dtype, DTYPES)
-        check_choice("model.transformer_impl", self.transformer_impl,
-                     ("auto", "local", "transformer_engine"))
-        check_choice("model.attention_backend", self.attention_backend, ("auto", "sdpa", "local"))
+        check_literals(self, "model")
         if self.transformer_impl == "transformer_engine" and self.attention_backend != "auto":
             raise ConfigError(
                 f"model.attention_backend={self.attention_backend!r} applies to the local spec; "
@@ -109,6 +104,26 @@ class ModelConfig:
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"model.num_query_groups={self.num_query_groups}"
             )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "model") -> "ModelConfig":
+        """The one way to build a ModelConfig from a mapping: a ``model:`` section or the
+        ``model`` entry a checkpoint records (:func:`megatron_ift.config_io.from_dict`).
+
+        Args:
+            data: ModelConfig fields.
+            source: where ``data`` comes from, for messages (a checkpoint folder, say).
+
+        Raises:
+            ConfigError: one line naming an unknown key (e.g. recorded by a newer
+                megatron-ift), a missing, mistyped or invalid one.
+        """
+        try:
+            return from_dict(cls, data, "model")
+        except ConfigError as exc:
+            if source == "model":
+                raise
+            raise ConfigError(f"{source}: {exc}") from None
 
     @property
     def query_groups(self) -> int:

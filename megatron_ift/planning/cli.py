@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from megatron_ift.config_io import from_dict, load_yaml
+from megatron_ift.config_io import load_yaml
 from megatron_ift.errors import run_cli
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.planning import PRESETS, Cluster, Workload, get_preset, plan, render, to_dict
@@ -27,7 +27,7 @@ def _model(args: argparse.Namespace) -> tuple[str, ModelConfig]:
         section = load_yaml(args.config).get("model")  # refuses a file that is not a mapping
         if not isinstance(section, dict):
             raise ConfigError(f"{args.config} has no `model:` section")
-        return args.config, from_dict(ModelConfig, section, "model")
+        return args.config, ModelConfig.from_dict(section)
     return args.preset, get_preset(args.preset)
 
 

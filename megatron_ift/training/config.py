@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
-from megatron_ift.config_io import apply_overrides, from_dict, load_yaml
+from megatron_ift.config_io import apply_overrides, check_literals, from_dict, load_yaml
 from megatron_ift.data.config import DataConfig
 from megatron_ift.ift.config import IFTConfig
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.models.fp8 import FP8Config
 from megatron_ift.parallel import ParallelConfig
-from megatron_ift.validation import ConfigError, check_choice, check_positive_int, check_range
+from megatron_ift.validation import ConfigError, check_positive_int, check_range
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
     """Optimizer, learning-rate schedule and mixed-precision loss scaling."""
 
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "sgd"] = "adam"
     """``adam`` (AdamW, decoupled weight decay) or ``sgd``."""
     lr: float = 1e-5
     """Peak learning rate."""
@@ -37,7 +37,7 @@ class OptimizerConfig:
     """SGD momentum."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
-    lr_decay_style: str = "cosine"
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """``cosine``, ``linear`` or ``constant`` after warm-up."""
     lr_warmup_fraction: float = 0.0
     """Warm-up length as a fraction of the run (the paper's recipe: 0.15)."""
@@ -49,8 +49,7 @@ class OptimizerConfig:
     """fp16 only: a static loss scale instead of the dynamic one."""
 
     def __post_init__(self) -> None:
-        check_choice("optimizer.optimizer", self.optimizer, ("adam", "sgd"))
-        check_choice("optimizer.lr_decay_style", self.lr_decay_style, ("cosine", "linear", "constant"))
+        check_literals(self, "optimizer")
         check_range("optimizer.lr", self.lr, 0.0, low_inclusive=False)
         check_range("optimizer.min_lr", self.min_lr, 0.0, self.lr)
         check_range("optimizer.weight_decay", self.weight_decay, 0.0)
@@ -95,14 +94,14 @@ class TrainConfig:
     """Evaluate on the held-out split every N steps (0: never)."""
     eval_max_batches: int = 0
     """Cap on evaluation micro-batches per rank (0: the whole split)."""
-    nonfinite_policy: str = "skip"
+    nonfinite_policy: Literal["skip", "stop"] = "skip"
     """A NaN/inf loss or gradient norm: ``skip`` the update (logged) or ``stop`` the run."""
     max_skipped_steps: int = 10
     """``skip`` policy: stop after this many consecutive skipped steps."""
     exit_after_steps: int = 0
     """Stop (saving a checkpoint) after this many steps of *this* invocation, e.g. to fit a
     job's time limit; the next invocation resumes (0: run to ``steps``)."""
-    recompute: str = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: ``none``, ``selective`` (attention core) or ``full``."""
     recompute_num_layers: int = 1
     """``full`` recomputation: layers per recomputed block (uniform method)."""
@@ -114,8 +113,7 @@ class TrainConfig:
         check_positive_int("train.eval_interval", self.eval_interval, allow_zero=True)
         check_positive_int("train.eval_max_batches", self.eval_max_batches, allow_zero=True)
         check_positive_int("train.exit_after_steps", self.exit_after_steps, allow_zero=True)
-        check_choice("train.nonfinite_policy", self.nonfinite_policy, ("skip", "stop"))
-        check_choice("train.recompute", self.recompute, ("none", "selective", "full"))
+        check_literals(self, "train")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
