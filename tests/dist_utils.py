@@ -1,11 +1,14 @@
-"""Spawn multi-process gloo runs (torchrun) from tests, with a timeout and readable failures."""
+"""Spawn multi-process gloo runs from tests, with a timeout and readable failures."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "workers")
@@ -17,23 +20,86 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dict | None = None) -> str:
-    """Run ``tests/workers/<script>`` (or a path) under torchrun with ``nproc`` CPU processes.
+def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dict | None = None,
+             launcher: str = "direct") -> str:
+    """Run ``tests/workers/<script>`` (or a path) as the ``nproc`` CPU ranks of one gloo world.
 
-    Returns the combined output; raises AssertionError with the output's tail on failure or
-    timeout (a hung collective must fail the test, never hang CI).
+    ``launcher="direct"`` starts the ranks itself with the environment torchrun gives them
+    (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) and, like torchrun, stops the others when one fails. It
+    skips torchrun's elastic agent, whose own torch import and monitoring cost seconds per launch
+    and are not under test here; ``launcher="torchrun"`` runs the real ``torch.distributed.run``
+    (the README's demo test; ``tests/test_launch.py`` runs the launch scripts themselves).
+
+    Returns the ranks' combined output (rank 0 first; torchrun interleaves them); raises
+    AssertionError with the output's tail on failure or timeout (a hung collective must fail the
+    test, never hang CI).
     """
     path = script if os.path.isabs(script) else os.path.join(WORKERS, script)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-        path, *map(str, args),
-    ]
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONWARNINGS"] = "ignore"
     full_env.update(env or {})
+    if launcher == "torchrun":
+        return _torchrun(path, script, nproc, args, timeout, full_env)
+    if launcher != "direct":
+        raise ValueError(f"launcher must be 'direct' or 'torchrun', not {launcher!r}")
+    port = str(free_port())
+    with tempfile.TemporaryDirectory(prefix="ranks-") as logs:
+        procs, files = [], []
+        for rank in range(nproc):
+            rank_env = dict(full_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                            LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", ROLE_RANK=str(rank),
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            files.append(open(os.path.join(logs, f"rank{rank}.log"), "w+"))
+            procs.append(subprocess.Popen([sys.executable, path, *map(str, args)], cwd=ROOT,
+                                          env=rank_env, stdout=files[-1], stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        failure = _wait_all(procs, timeout)
+        for proc in procs:  # a failed or hung world: stop every rank and its children
+            if proc.poll() is None:
+                _kill_group(proc)
+        outputs = []
+        for f in files:
+            f.seek(0)
+            outputs.append(f.read())
+            f.close()
+    out = "".join(outputs)
+    if failure:
+        raise AssertionError(f"{script} x{nproc} {failure}:\n{out[-6000:]}")
+    return out
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> str:
+    """Wait for every rank; returns "" or why the world failed (a rank's exit status, timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if bad:
+            return "failed (" + ", ".join(f"rank {r} exit {c}" for r, c in bad) + ")"
+        if all(c == 0 for c in codes):
+            return ""
+        if time.monotonic() > deadline:
+            return f"timed out after {timeout}s"
+        time.sleep(0.05)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _torchrun(path, script, nproc, args, timeout, full_env) -> str:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+        path, *map(str, args),
+    ]
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT

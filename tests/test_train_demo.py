@@ -18,7 +18,7 @@ from train_utils import DEMO
 @pytest.mark.timeout(900)
 def test_demo_preset_loss_falls(tmp_path):
     out = torchrun("train_cli.py", 2, "--config", DEMO, f"checkpoint.dir={tmp_path}",
-                   "train.steps=60", timeout=900)
+                   "train.steps=60", timeout=900, launcher="torchrun")
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 60
     first = sum(r["loss"] for r in rows[:10]) / 10
