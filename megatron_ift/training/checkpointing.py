@@ -5,26 +5,17 @@ Randomness needs no saved state: every random draw of a step is keyed by (seed, 
 trainer re-seeds torch and megatron-core's RNG tracker per step; IFT's lambda noise and
 sampling estimators are counter-based), so a resumed run repeats the uninterrupted one.
 
-megatron-core 0.16.1 traps handled here (measured):
-* the distributed optimizer must be saved with the ``fully_reshardable`` sharding type (the
-  default fails on save) to be loadable at another layout;
-* loading into a plain ``torch.optim.AdamW`` (the only Adam without apex/TE) needs its state
-  initialised first, missing ``step`` entries filled, and every parameter's ``step`` tensor
-  cloned after ``load_state_dict`` (otherwise all parameters share one ``step`` tensor, AdamW
-  advances it once per parameter and the second step after resume is wrong);
-* a distributed-optimizer checkpoint cannot be loaded into a non-distributed optimizer (or the
-  reverse): detected from the metadata and refused with an explanation;
-* torch's distributed-checkpoint ``CheckpointException`` derives from ``BaseException``, so it is
-  caught by name to report the folder.
-
-dist_checkpointing forks writer processes (and, see ``cpu_compat``, a results manager) during a
-save; :func:`die_with_parent` makes each of them exit when the trainer dies, so a killed trainer
-never leaves a child that holds its stdout (``| tee``, a Slurm step) open.
+The megatron-core 0.16.1 behaviours worked around on the way (the distributed optimizer's
+sharding type, Adam's ``step`` entries, the two-call optimizer load, checkpoint writer processes
+that outlive a killed trainer) are in :mod:`megatron_ift.mcore_compat`, each with a test of the
+upstream behaviour. Handled here: a distributed-optimizer checkpoint cannot be loaded into a
+non-distributed optimizer (or the reverse): detected from the metadata and refused with an
+explanation; torch's distributed-checkpoint ``CheckpointException`` derives from
+``BaseException``, so it is caught by name to report the folder.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from typing import Any, Optional, Sequence
@@ -32,45 +23,21 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from megatron_ift.checkpoint import layout
 from megatron_ift.checkpoint.layout import CheckpointError
-from megatron_ift.child_processes import die_with_parent, start_manager
 from megatron_ift.checkpoint.model_io import LOAD_ERRORS, apply_model_state, model_sharded_state_dict
+from megatron_ift.mcore_compat import (
+    DISTRIB_OPTIM_SHARDING,
+    init_optimizer_state,
+    load_optimizer_state,
+    make_checkpoint_children_die_with_parent,
+    pop_adam_steps,
+    restore_adam_steps,
+    torch_optimizers,
+)
 
-_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def _writer_dies_with_parent(write):
-    @functools.wraps(write)
-    def wrapper(*args, **kwargs):
-        if os.getpid() != _MAIN_PID:  # a forked writer (index 0 may run in the trainer itself)
-            die_with_parent()
-        return write(*args, **kwargs)
-
-    wrapper.dies_with_parent = True
-    return wrapper
-
-
-def _results_queue_dying_with_parent():
-    """megatron-core's ``_get_write_results_queue`` (a spawned manager) whose manager process
-    dies with the trainer. (Without CUDA, ``cpu_compat`` installs its forked equivalent.)"""
-    import multiprocessing
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = start_manager(multiprocessing.get_context("spawn")).Queue()
-    return filesystem_async._results_queue
-
-
-_MAIN_PID = os.getpid()
-_write = filesystem_async.FileSystemWriterAsync.write_preloaded_data
-if not getattr(_write, "dies_with_parent", False):
-    # megatron-core looks the target up on the class at every save: wrapping it here reaches
-    # every forked writer without touching megatron-core's files.
-    filesystem_async.FileSystemWriterAsync.write_preloaded_data = staticmethod(_writer_dies_with_parent(_write))
-if filesystem_async._get_write_results_queue.__module__ == filesystem_async.__name__:
-    filesystem_async._get_write_results_queue = _results_queue_dying_with_parent
+make_checkpoint_children_die_with_parent()
 
 
 def _rank() -> int:
@@ -87,7 +54,7 @@ def _state(chunks, optimizer, *, is_loading: bool) -> dict[str, Any]:
     state = dict(model_sd)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=_SHARDING
+            model_sd, is_loading=is_loading, metadata=DISTRIB_OPTIM_SHARDING
         )
     return state
 
@@ -191,7 +158,7 @@ def load_checkpoint(
             "optimizer formats. Resume with the same setting (the model/parallel layout may differ)"
         )
     if optimizer is not None:
-        _init_optimizer_state(optimizer)
+        init_optimizer_state(optimizer)
         configured = _group_lrs(optimizer)
     state = _state(chunks, optimizer, is_loading=True)
     state["scheduler"] = None
@@ -208,9 +175,9 @@ def load_checkpoint(
     if optimizer is not None:
         # The fully_reshardable loader copies every state entry it finds into per-parameter
         # tensors but carries no Adam ``step``: take the steps out, restore them afterwards.
-        adam_step = _pop_adam_steps(loaded["optimizer"])
-        _load_optimizer_state(optimizer, loaded["optimizer"])
-        _fix_adam_steps(optimizer, int(loaded["step"]) if adam_step is None else adam_step)
+        adam_step = pop_adam_steps(loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
+        restore_adam_steps(optimizer, int(loaded["step"]) if adam_step is None else adam_step)
         if override_scheduler:
             # megatron-core's scheduler reads each group's max_lr / min_lr, which the optimizer
             # state just restored to the checkpoint's values: put the configured ones back.
@@ -229,11 +196,11 @@ _LR_KEYS = ("max_lr", "min_lr")
 
 def _group_lrs(optimizer) -> list[list[dict[str, float]]]:
     return [[{k: g[k] for k in _LR_KEYS if k in g} for g in opt.param_groups]
-            for opt in _torch_optimizers(optimizer)]
+            for opt in torch_optimizers(optimizer)]
 
 
 def _set_group_lrs(optimizer, values: list[list[dict[str, float]]]) -> None:
-    for opt, groups in zip(_torch_optimizers(optimizer), values):
+    for opt, groups in zip(torch_optimizers(optimizer), values):
         for group, lrs in zip(opt.param_groups, groups):
             group.update(lrs)
 
@@ -248,91 +215,6 @@ def _cause(exc: BaseException) -> str:
     if len(text) > 300:
         text = text[:300] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return [o.optimizer for o in inner if getattr(o, "optimizer", None) is not None]
-
-
-def _init_optimizer_state(optimizer) -> None:
-    """Give every parameter an (all-zero) Adam state so that load_state_dict has targets.
-
-    megatron-core's ``DistributedOptimizer.state_dict`` (called while building the sharded
-    state dict for loading) requires a ``step`` in every entry; the real value is restored by
-    :func:`_fix_adam_steps` after loading."""
-    for opt in _torch_optimizers(optimizer):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                st = opt.state[p]
-                if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and not st:
-                    st["exp_avg"] = torch.zeros_like(p.data)
-                    st["exp_avg_sq"] = torch.zeros_like(p.data)
-                    # Host 0-dim, as torch's non-capturable Adam keeps it on a GPU too.
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-
-
-def _load_optimizer_state(optimizer, state: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict`` with a work-around for the distributed optimizer.
-
-    Without apex/TE, megatron-core 0.16.1's ``DistributedOptimizer.load_state_dict`` gives every
-    parameter one shared ``step`` tensor and then fails (``KeyError: 'step'``) copying the
-    fully_reshardable parameter state, whose entries have no ``step``. So the parameter state is
-    loaded in a second call, after the shared ``step`` entries are removed.
-    """
-    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    if not (isinstance(state, dict) and "param_state" in state and len(chained) == 1):
-        optimizer.load_state_dict(state)
-        return
-    sharding = state.pop("param_state_sharding_type", None)
-    param_state = state.pop("param_state")
-    if sharding != "fully_reshardable":
-        raise CheckpointError(
-            f"distributed-optimizer state was saved as {sharding!r}; only 'fully_reshardable' "
-            "checkpoints (what megatron-ift writes) can be loaded"
-        )
-    optimizer.load_state_dict(state)
-    for opt in _torch_optimizers(optimizer):
-        for entry in opt.state.values():
-            entry.pop("step", None)
-    chained[0].load_parameter_state_from_fully_reshardable(param_state)
-
-
-def _pop_adam_steps(tree: Any) -> Optional[int]:
-    """Remove per-parameter ``step`` entries from every torch optimizer state in ``tree`` and
-    return the number of updates (from them or from the param groups' ``step``)."""
-    found: list[float] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for group in node.get("param_groups", []) if isinstance(node.get("param_groups"), list) else []:
-                if isinstance(group, dict) and "step" in group:
-                    found.append(float(group["step"]))
-            state = node.get("state")
-            if isinstance(state, dict):
-                for entry in state.values():
-                    if isinstance(entry, dict) and "step" in entry:
-                        v = entry.pop("step")
-                        found.append(float(v))
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                walk(v)
-
-    walk(tree)
-    return int(max(found)) if found else None
-
-
-def _fix_adam_steps(optimizer, step: int) -> None:
-    """Every parameter gets its own ``step`` tensor holding the number of updates so far."""
-    for opt in _torch_optimizers(optimizer):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                st = opt.state.get(p)
-                if st and "exp_avg" in st:
-                    # A tensor of its own per parameter: AdamW increments it in place.
-                    st["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def load_pretrained(ckpt_dir: str, chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:

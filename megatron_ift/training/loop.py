@@ -210,10 +210,7 @@ class Trainer:
             for line in run_dir.check_resume_options(self.resume_from, state["metadata"].get("config", {}), cfg):
                 _print(line)
             if self.start_step < t.steps and _rank() == 0:
-                # The run continues (train.steps raised): it is not complete any more.
-                completed = os.path.join(cfg.checkpoint.dir, layout.COMPLETED)
-                if os.path.exists(completed):
-                    os.remove(completed)
+                run_dir.mark_incomplete(cfg.checkpoint.dir)
         elif cfg.checkpoint.pretrained:
             from megatron_ift.training.checkpointing import load_pretrained
 
@@ -279,7 +276,7 @@ class Trainer:
         if cfg.checkpoint.save_on_exit and self.start_step < t.steps:
             self.save(t.steps)
         if _rank() == 0:
-            layout.atomic_write_text(os.path.join(cfg.checkpoint.dir, layout.COMPLETED), f"{t.steps}\n")
+            run_dir.mark_complete(cfg.checkpoint.dir, t.steps)
         self.close()
         _print(f"done: {t.steps} steps")
         return 0

@@ -222,6 +222,18 @@ def delete_checkpoints(root: str) -> None:
             os.remove(p)
 
 
+def mark_complete(root: str, steps: int) -> None:
+    """Record that the run in ``root`` reached ``train.steps`` (``COMPLETED`` holds the count)."""
+    layout.atomic_write_text(os.path.join(root, layout.COMPLETED), f"{steps}\n")
+
+
+def mark_incomplete(root: str) -> None:
+    """A resumed run continues past its old end (``train.steps`` raised): not complete any more."""
+    completed = os.path.join(root, layout.COMPLETED)
+    if os.path.exists(completed):
+        os.remove(completed)
+
+
 # -- one run per directory -------------------------------------------------------------------
 
 def _process_start(pid: int) -> Optional[str]:
