@@ -2,9 +2,9 @@
 
 One module fixture does the whole user path once: GGUF -> HF folder (``convert gguf-to-hf
 --smollm2``), ``import-hf``, 2 IFT steps at TP1 from ``configs/smollm2_135m_ift.yaml`` (sequence
-length shortened), ``export-hf`` of the trained run, and one 6-process torchrun launch that loads
-the import at TP1, TP3 and TP3 x PP2 and the trained run at TP1 (logits), then runs
-``megatron-ift generate --tp 3 --pp 2`` on three chat prompts. The tests then compare everything
+length shortened), ``export-hf`` of the trained run, a one-process launch that loads the import
+and the trained run at TP1 (logits), and a 6-process launch that loads the import at TP3 and
+TP3 x PP2, then runs ``megatron-ift generate --tp 3 --pp 2`` on three chat prompts. The tests then compare everything
 with ``transformers`` on the same weights.
 
 Skipped only when the package (or gguf/accelerate, which transformers' GGUF loader needs) is not
@@ -22,7 +22,7 @@ import torch
 
 from dist_utils import ROOT, torchrun
 
-# the module fixture (GGUF de-quantization ~1 min, 2 training steps, a 6-process launch) is
+# the module fixture (GGUF de-quantization ~30 s, 2 training steps, two launches) is
 # timed with the first test: minutes on a shared 2-core machine
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -83,16 +83,19 @@ def smollm2(tmp_path_factory):
     logits = lambda ckpt, name: {"ckpt": ckpt, "tokens": str(root / "tokens.pt"),  # noqa: E731
                                  "out": str(root / f"{name}.pt")}
     cli_out = root / "generate_cli.jsonl"
-    spec = {"layouts": [
-        {"tp": 1, "pp": 1, "logits": [logits(p["imported"], "tp1"), logits(p["run"], "run_tp1")]},
-        {"tp": 3, "pp": 1, "logits": [logits(p["imported"], "tp3")]},
-        {"tp": 3, "pp": 2, "logits": [logits(p["imported"], "tp3pp2")]},
-    ],  # then the CLI decodes at TP3 x PP2 with the KV cache (the six processes are the world)
-        "generate_args": [p["imported"], "--tp", "3", "--pp", "2", "--no-progress",
-                "--max-new-tokens", str(MAX_NEW), "--output", str(cli_out),
-                *[a for t in PROMPTS for a in ("--prompt", t)]]}
-    (root / "spec.json").write_text(json.dumps(spec))
-    torchrun("pretrained_layouts.py", 6, str(root / "spec.json"), timeout=1200)
+    # TP 1 in a world of one (in the six-process world every data-parallel replica would load
+    # both checkpoints), then TP 3 and TP 3 x PP 2, and the CLI decoding at TP 3 x PP 2 with the
+    # KV cache (the six processes are its world)
+    one = {"layouts": [{"tp": 1, "pp": 1, "logits": [logits(p["imported"], "tp1"),
+                                                     logits(p["run"], "run_tp1")]}]}
+    six = {"layouts": [{"tp": 3, "pp": 1, "logits": [logits(p["imported"], "tp3")]},
+                       {"tp": 3, "pp": 2, "logits": [logits(p["imported"], "tp3pp2")]}],
+           "generate_args": [p["imported"], "--tp", "3", "--pp", "2", "--no-progress",
+                             "--max-new-tokens", str(MAX_NEW), "--output", str(cli_out),
+                             *[a for t in PROMPTS for a in ("--prompt", t)]]}
+    for name, spec, world in (("one", one, 1), ("six", six, 6)):
+        (root / f"{name}.json").write_text(json.dumps(spec))
+        torchrun("pretrained_layouts.py", world, str(root / f"{name}.json"), timeout=1200)
     return {**p, "root": root, "tokenizer": tokenizer, "prompts": prompts,
             "train_log": train.stdout, "cli_out": cli_out}
 

@@ -44,7 +44,7 @@ def load_for_inference(path: str, parallel: Optional[ParallelConfig] = None
         CheckpointError: no checkpoint there, or no recorded architecture.
     """
     from megatron_ift.checkpoint.model_io import load_model
-    from megatron_ift.models.gpt import build_gpt_chunks
+    from megatron_ift.models.gpt import build_gpt_chunks, transformer_config
 
     parallel = parallel or ParallelConfig()
     if parallel.vpp > 1:
@@ -52,8 +52,11 @@ def load_for_inference(path: str, parallel: Optional[ParallelConfig] = None
                               "virtual_pipeline_model_parallel_size unset")
     ckpt, recorded = recorded_model(path)
     cfg = model_config_of(ckpt, recorded)
-    (model,) = build_gpt_chunks(cfg, parallel)
-    load_model([model], ckpt)
+    # the strict load below overwrites every parameter, so random initialisation (of the full
+    # weights on every rank, with CPU initialisation) would be wasted work
+    config = transformer_config(cfg, parallel, perform_initialization=False)
+    (model,) = build_gpt_chunks(cfg, parallel, config)
+    load_model([model], ckpt, strict=True)
     model.eval()
     return model, cfg, ckpt
 
