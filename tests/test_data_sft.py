@@ -222,3 +222,13 @@ def test_bad_json_and_bad_pair_values_name_the_line(tmp_path):
     )
     with pytest.raises(DataError, match=r"pairs\.jsonl:2: column 'response' is None"):
         build_data(cfg(tmp_path, [pairs]))
+
+
+def test_a_file_that_is_not_utf8_names_the_line_and_the_fix(tmp_path):
+    # datasets reads it without complaint; the bad byte surfaces only when a row is decoded
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"prompt": "a", "response": "b"}).encode() + b"\n"
+    path.write_bytes(good + good + b'{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:3: not valid UTF-8 \(byte 0xe9 at byte "
+                       r"16 of the line\); re-save the file as UTF-8"):
+        build_data(cfg(tmp_path, [path]))

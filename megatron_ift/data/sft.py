@@ -30,7 +30,7 @@ from megatron_ift.data.collate import assemble_row, empty_row
 from megatron_ift.data.config import DataConfig
 from megatron_ift.data.errors import DataError, describe_row
 from megatron_ift.data.packing import pack_best_fit, packing_efficiency
-from megatron_ift.data.sources import CHAT, Source, load_sources
+from megatron_ift.data.sources import CHAT, Source, load_sources, refuse_non_utf8
 from megatron_ift.data.templates import resolve_chat_template
 from megatron_ift.data.tokenizer import pad_token_id
 
@@ -79,6 +79,8 @@ class _Tokenize:
         for i, row in enumerate(indices):
             try:
                 conversations.append(self._messages(batch, i))
+            except UnicodeDecodeError as exc:  # a column is decoded (whole) when first read
+                refuse_non_utf8(self.path, exc)
             except ValueError as exc:
                 raise DataError(f"{describe_row(self.path, row)}: {exc}") from None
         try:

@@ -9,10 +9,11 @@ column, else a *pair* file when it has the prompt and response columns.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from megatron_ift.data.errors import DataError
 
@@ -66,6 +67,26 @@ def _first_bad_json_line(path: str) -> Optional[str]:
                 except json.JSONDecodeError as exc:
                     return f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})"
     return None
+
+
+def refuse_non_utf8(path: str, exc: UnicodeDecodeError) -> NoReturn:
+    """Raise the error for a text file with bytes that are not UTF-8, naming the first such line.
+
+    datasets' readers accept such a file and fail only when a column is read (a bare
+    ``UnicodeDecodeError`` from pyarrow, at no particular row); this finds the line.
+    """
+    where, byte, column = path, exc.object[exc.start] if exc.object else 0, exc.start + 1
+    if os.path.isfile(path):
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            for number, line in enumerate(fh, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    where, byte, column = f"{path}:{number}", line[bad.start], bad.start + 1
+                    break
+    raise DataError(f"{where}: not valid UTF-8 (byte 0x{byte:02x} at byte {column} of the line); "
+                    "re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def load_file(path: str, cache_dir: Optional[str] = None) -> Any:
