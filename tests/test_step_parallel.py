@@ -6,11 +6,13 @@ parameters after one step. Each layout then runs our step through megatron-core'
 (DDP, optionally the distributed optimizer) from the same weights and data, loads the reference
 tensors into its own layout (dist_checkpointing reshards them) and reports per-parameter errors.
 
-Process starts dominate the cost, so specs of the same world size share one torchrun launch:
-the references and the world-1 layout in one, every 2-process layout and the SFT-limit check
-in another, the 4-process layouts in a third. Each spec writes its own result; when a launch
-fails, the spec it stopped at is charged with the failure and the launch is started again with
-the specs after it, so a broken layout fails its own test and no other.
+Process starts dominate the cost, so specs of the same world size share one launch: the
+references (computed on two data-parallel replicas of the TP1/PP1 model), every 2-process layout
+and the SFT-limit check in one, the 4-process layouts in another. (A 1-process layout would need
+a launch of its own; the TP1/PP1/DP2 row runs the same unsharded step on each rank.) Each spec
+writes its own result; when a launch fails, the spec it stopped at is charged with the failure
+and the launch is started again with the specs after it, so a broken layout fails its own test
+and no other.
 
 Tolerances (float32): loss and every gradient within 1e-5 relative to the tensor's largest
 entry; parameters after one Adam step within 1e-5 relative plus 1% of one learning-rate step
@@ -48,7 +50,6 @@ CONFIGS = {
 }
 # (config, tp, pp, dp, vpp, sp, distributed optimizer)
 RUNS = [
-    ("ift", 1, 1, 1, None, False, False),
     ("ift", 2, 1, 1, None, False, False),
     ("ift", 1, 2, 1, None, False, False),
     ("ift", 1, 1, 2, None, False, False),
@@ -82,14 +83,15 @@ def _launch(world: int, specs: list[dict], failures: dict[str, str]) -> None:
     pending = [s for s in specs if s["id"] not in failures]
     while pending:
         try:
-            torchrun("step_parallel.py", world, json.dumps(pending), timeout=290)
+            torchrun("step_parallel.py", world, json.dumps(pending), timeout=600)  # a hang, not a slow machine
             return
         except AssertionError as exc:
             rest = [s for s in pending if not os.path.exists(s["done"])]
             if not rest:
                 raise
             failures[rest[0]["id"]] = f"{rest[0]['id']} failed in its launch:\n{exc}"
-            pending = rest[1:]
+            # a layout whose reference failed is not run: its test reports the reference's failure
+            pending = [s for s in rest[1:] if f"reference {s.get('config')}" not in failures]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def results(tmp_path_factory):
     for name, cfg in CONFIGS.items():
         ref = str(d / f"ref_{name}")
         refs[name] = dict(base, **cfg, ref=ref)
-    by_world: dict[int, list] = {1: [dict(spec, kind="reference", id=f"reference {name}",
+    by_world: dict[int, list] = {2: [dict(spec, kind="reference", id=f"reference {name}",
                                           done=os.path.join(spec["ref"], "ref.json"))
                                      for name, spec in refs.items()]}
     for run in RUNS:
@@ -116,7 +118,6 @@ def results(tmp_path_factory):
     timings = {}
     for world, specs in sorted(by_world.items()):
         start = time.perf_counter()
-        # a layout whose reference failed is not run: its test reports the reference's failure
         _launch(world, [s for s in specs if f"reference {s.get('config')}" not in failures], failures)
         timings[world] = time.perf_counter() - start
     print("launch wall seconds by world size:", {w: round(t, 1) for w, t in timings.items()})
@@ -141,7 +142,7 @@ def _outcome(results, rid):
 
 
 @pytest.mark.dist
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("run", RUNS, ids=_run_id)
 def test_step_matches_single_process_reference(results, run):
     result, ref = _outcome(results, _run_id(run))
@@ -159,7 +160,7 @@ def test_step_matches_single_process_reference(results, run):
 
 
 @pytest.mark.dist
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_sft_limit_equals_megatron_sft(results):
     """lambda = 0, gamma = 0: the loss and gradients of megatron-core's own cross-entropy SFT
     step through the same schedule, at TP 2, to float32 rounding (1e-6 loss, 1e-5 gradients

@@ -4,7 +4,7 @@ every gradient and every parameter after one optimizer step with the single-proc
 
 ``argv[1]`` is a JSON list of specs run one after another in this launch (one launch per world
 size saves a process start per layout), each with its ``kind``: ``layout`` (:func:`run`),
-``reference`` (``step_reference.reference_step``, world size 1) or ``sft_exact``
+``reference`` (``step_reference.reference_step`` on data-parallel replicas) or ``sft_exact``
 (``sft_exact.run``). Each spec writes its own result file, so the test can tell which spec a
 failed launch stopped at.
 """

@@ -3,6 +3,8 @@
 
 Writes ``<ref>/init`` (the shared initial weights), ``<ref>/grads`` and ``<ref>/params`` (as
 model-layout dist checkpoints, so any parallel layout can load them) and ``<ref>/ref.json``.
+In a world of several processes (data-parallel replicas of the TP1/PP1 model) every rank computes
+the same reference and dist_checkpointing writes rank 0's copy.
 """
 
 import dataclasses
@@ -10,7 +12,7 @@ import json
 import os
 import sys
 
-from common import make_global_batch, save_grads_as_model, setup, tiny_model
+from common import make_global_batch, rank, save_grads_as_model, setup, tiny_model
 
 import torch
 
@@ -74,6 +76,8 @@ def reference_step(opts, par):
     )
     opt.step()
     save_model([model], os.path.join(ref, "params"))
+    if rank() != 0:
+        return
     with open(os.path.join(ref, "ref.json"), "w") as f:
         json.dump({"loss": float(loss), "metrics": dict(metrics, loss_sft=float(loss_sft))}, f)
 
