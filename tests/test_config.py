@@ -156,6 +156,10 @@ def test_model_config_has_one_from_dict_path(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'model.future_key'") as info:
         load_run_config("configs/demo.yaml", [f"checkpoint.pretrained={ckpt}", "model=null"])
     assert str(ckpt) in str(info.value) and "\n" not in str(info.value)
+    from megatron_ift.inference.loading import model_config_of  # generate's path
+
+    with pytest.raises(ConfigError, match="unknown key 'model.future_key'"):
+        model_config_of(str(ckpt), recorded)
     # Literal-typed choices are checked from a mapping and at construction alike
     with pytest.raises(ConfigError, match="model.activation='relu' is not one of 'swiglu', 'gelu'"):
         ModelConfig.from_dict(dict(to_dict(demo.model), activation="relu"))
