@@ -5,6 +5,10 @@ import torch
 
 from dist_utils import torchrun
 
+# the module fixture launches three worlds (1, 2 and 4 processes): about a minute on an idle
+# 2-core machine, several when it is shared
+pytestmark = pytest.mark.timeout(900)
+
 CONFIGS = {
     "greedy": dict(estimator="greedy"),
     "kth2": dict(estimator="kth", k=2),

@@ -115,7 +115,7 @@ def _cli(*args, env=None):
     full_env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "megatron_ift.train", "--config", DEMO, *args],
-                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=600)
 
 
 @pytest.mark.parametrize("args,env,needle", [
