@@ -18,6 +18,9 @@ import pytest
 from dist_utils import ROOT, torchrun
 from train_utils import losses, metrics, train
 
+# over a minute with the module fixture (tests/conftest.py orders slow files first)
+pytestmark = [pytest.mark.slow]
+
 EMULATED = "train_cli_emulated.py"
 STEPS = ["train.steps=2", "train.eval_interval=1", "train.eval_max_batches=1",
          "train.global_batch_size=8", "optimizer.lr_warmup_steps=0"]

@@ -7,7 +7,7 @@ from dist_utils import torchrun
 
 # the module fixture launches three worlds (1, 2 and 4 processes): about a minute on an idle
 # 2-core machine, several when it is shared
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 CONFIGS = {
     "greedy": dict(estimator="greedy"),

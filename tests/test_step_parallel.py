@@ -27,6 +27,9 @@ import pytest
 
 from dist_utils import torchrun
 
+# over a minute with the module fixture (tests/conftest.py orders slow files first)
+pytestmark = [pytest.mark.slow]
+
 GLOBAL_BATCH, SEQ, MBS, SEED = 8, 16, 2, 3
 # adam_eps 1e-6, not 1e-8: Adam's first step is lr * g / (|g| + eps), whose sensitivity to the
 # gradient peaks at |g| ~ eps; with eps 1e-8 an entry whose gradient is ~1e-8 (float32 noise

@@ -12,6 +12,9 @@ import pytest
 
 from train_utils import losses, train
 
+# over a minute with the module fixture (tests/conftest.py orders slow files first)
+pytestmark = [pytest.mark.slow]
+
 STEPS = ["train.steps=6", "parallel.use_distributed_optimizer=true"]
 
 

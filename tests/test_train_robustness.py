@@ -57,6 +57,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     proc = single_process(str(run), "train.steps=50")
@@ -76,6 +77,7 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     env = {"HARDENING_KILL_AT_COMMIT": "4"}
