@@ -73,17 +73,12 @@ def parse_moves(text: str) -> list[int]:
 def play_plan(desc: Sequence[str], moves: Sequence[int], max_steps: int) -> fl.Episode:
     """Execute ``moves`` from the start of a deterministic lake until a hole, the goal, the end
     of the plan or ``max_steps``. An empty plan is an invalid episode."""
-    env = fl.FrozenLake(desc, slippery=False)
-    ep = fl.Episode(env.desc, states=[env.start], invalid=not moves)
-    s = env.start
-    rng = random.Random(0)  # unused by a deterministic lake
-    for a in list(moves)[:max_steps]:
-        s, r, done = env.step(s, a, rng)
-        ep.actions.append(a)
-        ep.states.append(s)
-        if done:
-            ep.reward = r
-            break
+    plan = list(moves)[:max_steps]
+    follow = iter(plan)
+    # the lake is deterministic: the policy ignores the state and the generator is unused
+    ep = fl.rollout(fl.FrozenLake(desc, slippery=False), lambda _s, _rng: next(follow),
+                    random.Random(0), len(plan))
+    ep.invalid = not moves
     return ep
 
 
