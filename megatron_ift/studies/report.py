@@ -222,16 +222,21 @@ def update_doc(doc: str, results: dict, plot_dir: str) -> None:
     for f in results.get("plots", []):
         block.append(f"![{f}]({plot_dir}/{f})")
     block += ["", END]
-    text = "\n".join(block)
+    write_block(doc, "\n".join(block), BEGIN, END)
+
+
+def write_block(doc: str, text: str, begin: str, end: str) -> None:
+    """Put ``text`` (which starts with ``begin`` and ends with ``end``) into ``doc`` in place of
+    the block between those markers; appended if the page has none, a new page if it is absent
+    or empty. Shared by the from-scratch and the pretrained study pages."""
+    old = ""
     if os.path.exists(doc):
         with open(doc, encoding="utf-8") as fh:
             old = fh.read()
-        if BEGIN in old and END in old:
-            text = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-        else:
-            text = old.rstrip("\n") + "\n\n" + text + "\n"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
     else:
-        text = "# SFT versus IFT: study\n\n" + text + "\n"
+        new = (old.rstrip("\n") + "\n\n" if old else "# SFT versus IFT: study\n\n") + text + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
     with open(doc, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(text)
+        fh.write(new)
