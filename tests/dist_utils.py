@@ -59,7 +59,8 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dic
         failure = _wait_all(procs, timeout)
         for proc in procs:  # a failed or hung world: stop every rank and its children
             if proc.poll() is None:
-                _kill_group(proc)
+                kill_group(proc)
+                proc.wait()
         outputs = []
         for f in files:
             f.seek(0)
@@ -86,12 +87,13 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> str:
         time.sleep(0.05)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with ``start_new_session=True`` and everything in its group
+    (a training run and any checkpoint writer it left); nothing if it is already gone."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.wait()
 
 
 def _torchrun(path, script, nproc, args, timeout, full_env) -> str:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dist_utils import ROOT
+from dist_utils import ROOT, kill_group
 from train_utils import DEMO, FAST, WarmTrainer, losses, single_process
 
 HARDENING_WORKER = os.path.join(ROOT, "tests", "workers", "hardening_train.py")
@@ -25,13 +25,6 @@ def _output(proc: subprocess.Popen) -> str:
         return f.read()
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and any checkpoint writer it left
-    except ProcessLookupError:
-        pass
-
-
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -41,7 +34,7 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
         if proc.poll() is not None:
             break
         time.sleep(0.5)
-    _kill_group(proc)
+    kill_group(proc)
     raise AssertionError(f"{text!r} not seen:\n{_output(proc)[-3000:]}")
 
 
@@ -49,10 +42,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         raise AssertionError(f"run did not finish in {timeout}s:\n{_output(proc)[-3000:]}")
     code = proc.returncode
-    _kill_group(proc)
+    kill_group(proc)
     return code, _output(proc)
 
 
