@@ -364,3 +364,26 @@ def test_spawned_results_manager_dies_with_the_trainer(tmp_path):
         assert not alive(), "the results manager outlived the killed trainer"
     finally:
         proc.kill()
+
+
+def test_a_second_ctrl_c_aborts_even_if_python_drops_its_exception():
+    """CI saw the second Ctrl-C's KeyboardInterrupt land in logging's lock release, where Python
+    prints and drops it; the run then saved and exited 0. The abort is recorded as well."""
+    import signal
+
+    from megatron_ift.training.loop import PREEMPT_SIGNALS, _Preemption
+
+    saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
+    try:
+        p = _Preemption()
+        p.check_abort()  # nothing yet
+        p._handle(signal.SIGINT, None)
+        p.check_abort()  # one Ctrl-C: save at the step boundary, not abort
+        assert p.signum == signal.SIGINT and not p.aborted
+        with pytest.raises(KeyboardInterrupt):
+            p._handle(signal.SIGINT, None)  # the raise that may be dropped
+        with pytest.raises(KeyboardInterrupt):
+            p.check_abort()  # what save() calls first
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)

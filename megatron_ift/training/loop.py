@@ -29,22 +29,31 @@ class _Preemption:
     """Records SIGTERM / SIGUSR1 / SIGINT; the loop saves and exits at the next step boundary.
 
     A second Ctrl-C (SIGINT) aborts at once (``KeyboardInterrupt``): the previous complete
-    checkpoint stays the one ``latest`` names."""
+    checkpoint stays the one ``latest`` names. Python drops an exception raised where it cannot
+    propagate (a finalizer, logging's lock release), so the abort is also recorded and
+    :meth:`check_abort` re-raises it before anything is saved."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self.aborted = False
         for s in PREEMPT_SIGNALS:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, _frame) -> None:
         if signum == signal.SIGINT:
             if self.signum == signal.SIGINT:
+                self.aborted = True
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             if _rank() == 0:
                 print("interrupted: saving a checkpoint at the end of this step "
                       "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
         self.signum = signum
+
+    def check_abort(self) -> None:
+        """Raise ``KeyboardInterrupt`` if a second Ctrl-C came, even if its first raise was lost."""
+        if self.aborted:
+            raise KeyboardInterrupt
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (ranks may get signals at different times).
@@ -121,6 +130,7 @@ class Trainer:
         use_cpu_compat_without_cuda()
         self.cfg = cfg
         self.config_path = config_path
+        self._preempt: Optional[_Preemption] = None  # installed by run()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = cfg.check_world(world)  # before any process group or model exists
         self.num_microbatches = cfg.train.num_microbatches(self.dp)
@@ -235,7 +245,7 @@ class Trainer:
         cfg = self.cfg
         _print(_summary(cfg, self.dp, self.resume_from))
         self.setup()
-        preempt = _Preemption()
+        preempt = self._preempt = _Preemption()
         t = cfg.train
         skipped = 0
         bar = self._progress_bar()
@@ -343,6 +353,9 @@ class Trainer:
 
     def save(self, step: int) -> None:
         from megatron_ift.training.checkpointing import save_checkpoint
+
+        if self._preempt is not None:
+            self._preempt.check_abort()  # a second Ctrl-C means: do not save
 
         save_checkpoint(
             self.cfg.checkpoint.dir, step, self.chunks, self.optimizer, self.scheduler,
