@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -10,14 +11,31 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import forkserver
+
+ROOT = forkserver.ROOT
 WORKERS = os.path.join(ROOT, "tests", "workers")
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range (32768-60999 by default).
+
+    A port the kernel hands out (bind to 0) can be handed out again, as the ephemeral end of any
+    other test's gloo connection, before the rendezvous binds it: CI saw that as EADDRINUSE.
+    Ports below 32768 are never handed out implicitly; each pytest-xdist worker draws from its
+    own block, so the two workers never pick the same one.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    block = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 20000 + (block % 6) * 2000
+    while True:
+        port = random.randrange(low, low + 2000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        return port
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dict | None = None,
@@ -36,10 +54,7 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dic
     test, never hang CI).
     """
     path = script if os.path.isabs(script) else os.path.join(WORKERS, script)
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.setdefault("OMP_NUM_THREADS", "1")
-    full_env["PYTHONWARNINGS"] = "ignore"
+    full_env = forkserver.base_env()
     full_env.update(env or {})
     if launcher == "torchrun":
         return _torchrun(path, script, nproc, args, timeout, full_env)
@@ -47,25 +62,22 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dic
         raise ValueError(f"launcher must be 'direct' or 'torchrun', not {launcher!r}")
     port = str(free_port())
     with tempfile.TemporaryDirectory(prefix="ranks-") as logs:
-        procs, files = [], []
+        procs = []
         for rank in range(nproc):
             rank_env = dict(full_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                             LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", ROLE_RANK=str(rank),
                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            files.append(open(os.path.join(logs, f"rank{rank}.log"), "w+"))
-            procs.append(subprocess.Popen([sys.executable, path, *map(str, args)], cwd=ROOT,
-                                          env=rank_env, stdout=files[-1], stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            log = os.path.join(logs, f"rank{rank}.log")
+            procs.append(forkserver.popen([path, *map(str, args)], env=rank_env, log=log))
         failure = _wait_all(procs, timeout)
         for proc in procs:  # a failed or hung world: stop every rank and its children
             if proc.poll() is None:
                 kill_group(proc)
                 proc.wait()
         outputs = []
-        for f in files:
-            f.seek(0)
-            outputs.append(f.read())
-            f.close()
+        for rank in range(nproc):
+            with open(os.path.join(logs, f"rank{rank}.log")) as f:
+                outputs.append(f.read())
     out = "".join(outputs)
     if failure:
         raise AssertionError(f"{script} x{nproc} {failure}:\n{out[-6000:]}")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import forkserver
 from megatron_ift.convert import ConversionError, cli
 from megatron_ift.convert.arch import LLAMA, QWEN2, get_architecture
 from megatron_ift.convert.export_hf import export_hf, parse_size
@@ -274,15 +275,8 @@ def test_export_refuses_what_is_not_a_checkpoint(tmp_path):
 
 
 def test_tool_wrapper_runs_the_cli():
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, os.path.join(root, "tools", "convert_checkpoint.py"), "import-hf",
-         "--help"],
-        capture_output=True, text=True, timeout=120,
-    )
+    proc = forkserver.run([os.path.join(forkserver.ROOT, "tools", "convert_checkpoint.py"),
+                           "import-hf", "--help"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage: convert_checkpoint.py import-hf" in proc.stdout
     assert "--make-vocab-size-divisible-by" in proc.stdout

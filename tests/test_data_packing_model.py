@@ -8,16 +8,15 @@ data through the real pipeline and judges the numbers.
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import forkserver
 from megatron_ift.data import DataConfig, build_data, collate
 from megatron_ift.data.tokenizer import tokenizer_size
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = forkserver.ROOT
 WORKER = os.path.join(ROOT, "tests", "workers", "data_packing_equivalence.py")
 SEQ = 96
 ROWS = 3
@@ -64,15 +63,7 @@ def results(tmp_path_factory):
         "vocab": tokenizer_size(packed_data.tokenizer),
     }
     torch.save(inputs, tmp / "in.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
-    proc = subprocess.run(
-        [sys.executable, WORKER, str(tmp / "in.pt"), str(tmp / "out.json")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=ROOT,
-    )
+    proc = forkserver.run([WORKER, str(tmp / "in.pt"), str(tmp / "out.json")], timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     out = json.loads((tmp / "out.json").read_text())
     out["num_samples"], out["multi_turn"] = len(order), multi_turn

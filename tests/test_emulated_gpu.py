@@ -15,6 +15,7 @@ import os
 
 import pytest
 
+import forkserver
 from dist_utils import ROOT, torchrun
 from train_utils import losses, metrics, train
 
@@ -87,15 +88,14 @@ def test_generation_on_the_gpu_path_matches_cpu(reference):
     import sys
 
     def generate(emulate: bool) -> str:
-        env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+        env = forkserver.base_env()
         env.pop("MEGATRON_IFT_EMULATE_CUDA", None)
         if emulate:
             env["MEGATRON_IFT_EMULATE_CUDA"] = "1"
-        proc = subprocess.run(
-            [sys.executable, "-m", "megatron_ift.cli", "generate", reference["base"], "--raw",
+        proc = forkserver.run(
+            ["-m", "megatron_ift.cli", "generate", reference["base"], "--raw",
              "--prompt", "12+7=", "--prompt", "reverse: abc", "--max-new-tokens", "6",
-             "--no-progress"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+             "--no-progress"], env=env, timeout=300)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         return proc.stdout
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import forkserver
 from dist_utils import ROOT, WORKERS, free_port
 
 from megatron_ift.data.packing import cu_seqlens
@@ -19,10 +18,9 @@ from megatron_ift.validation import ConfigError
 
 
 def _worker(script: str, *args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, script, *args], cwd=WORKERS, env=env,
-                          capture_output=True, text=True, timeout=240)
+    env = dict(forkserver.base_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               PORT=str(free_port()))
+    proc = forkserver.run([script, *args], cwd=WORKERS, env=env, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

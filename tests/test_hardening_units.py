@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import forkserver
 from dist_utils import ROOT
 from megatron_ift import errors
 from megatron_ift.checkpoint import layout
@@ -71,11 +72,10 @@ def test_run_cli_lets_internal_errors_through():
 
 
 def _run(*args, env=None, timeout=120):
-    full_env = dict(os.environ, PYTHONPATH=ROOT)
+    full_env = forkserver.base_env()
     full_env.pop(errors.DEBUG_ENV, None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                          env=full_env, timeout=timeout)
+    return forkserver.run(list(args), env=full_env, timeout=timeout)
 
 
 def test_plan_command_runs_and_refuses_a_yaml_list(tmp_path):

@@ -5,22 +5,18 @@ matching test fails, and the work-around is to be removed or adapted."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from forkserver import ROOT, run
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     d = tmp_path_factory.mktemp("mcore")
     out = d / "found.json"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "mcore_compat_upstream.py"),
-                           str(d), str(out)], capture_output=True, text=True, timeout=280, env=env, cwd=ROOT)
+    proc = run([os.path.join(ROOT, "tests", "workers", "mcore_compat_upstream.py"),
+                           str(d), str(out)], timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -2,15 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+import forkserver
 from megatron_ift.data import demo
 from megatron_ift.studies import report, run_study, tasks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = forkserver.ROOT
 
 
 def test_study_configs_load_and_plan():
@@ -115,10 +114,10 @@ def test_summary_pairs_seeds_and_report_writes_plots_and_doc(tmp_path):
 
 
 def test_greedy_decoding_from_a_checkpoint(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = forkserver.base_env()
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "study_generate.py"),
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    proc = forkserver.run([os.path.join(ROOT, "tests", "workers", "study_generate.py"),
+                           str(tmp_path)], env=env, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert json.loads((tmp_path / "ok.json").read_text()) == {"ok": True}

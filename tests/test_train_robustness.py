@@ -4,11 +4,11 @@ configuration errors raised before any model is built."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+import forkserver
 from dist_utils import ROOT, kill_group
 from train_utils import DEMO, FAST, WarmTrainer, losses, single_process
 
@@ -107,10 +107,10 @@ def test_refuses_to_overwrite_another_run(tmp_path):
 
 
 def _cli(*args, env=None):
-    full_env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    full_env = forkserver.base_env()
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "megatron_ift.train", "--config", DEMO, *args],
-                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=600)
+    return forkserver.run(["-m", "megatron_ift.train", "--config", DEMO, *args], env=full_env,
+                          timeout=600)
 
 
 @pytest.mark.parametrize("args,env,needle", [

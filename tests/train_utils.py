@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import forkserver
 from dist_utils import ROOT, torchrun
 
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -23,21 +24,21 @@ def train(nproc: int, run_dir: str, *overrides: str, timeout: float = 300, env=N
                     *FAST, *overrides, timeout=timeout, env=env)
 
 
-def single_process(run_dir: str, *overrides: str, env=None, script: str | None = None) -> subprocess.Popen:
-    """A world-of-one run (no torchrun) as a child process, for signal tests.
+def single_process(run_dir: str, *overrides: str, env=None, script: str | None = None):
+    """A world-of-one run (no torchrun) as a child process (forked, see ``forkserver``), for
+    signal tests.
 
     Output goes to ``<run_dir>.log`` (not a pipe: checkpoint writer processes orphaned by a
     SIGKILL would keep a pipe open). The path is ``proc.log_path``.
     """
-    full_env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    full_env = forkserver.base_env()
     full_env.update(env or {})
     entry = [script] if script else ["-m", "megatron_ift.train"]
-    cmd = [sys.executable, *entry, "--config", DEMO,
-           f"checkpoint.dir={run_dir}", "parallel.tensor_model_parallel_size=1", *FAST, *overrides]
+    argv = [*entry, "--config", DEMO, f"checkpoint.dir={run_dir}",
+            "parallel.tensor_model_parallel_size=1", *FAST, *overrides]
     log_path = f"{run_dir}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+    open(log_path, "w").close()
+    proc = forkserver.popen(argv, env=full_env, log=log_path)
     proc.log_path = log_path
     return proc
 
