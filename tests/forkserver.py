@@ -9,8 +9,9 @@ works), its own environment, working directory, ``sys.argv``, ``sys.path[0]`` an
 ``subprocess`` reports it).
 
 What the server imports is what every CPU process of this project imports the same way whether it
-later enables ``cpu_compat`` or the emulated CUDA device: torch, TorchDynamo, and megatron-core
-through ``cpu_compat._import_megatron_with_eager_fusions`` (the one import both modes make before
+later enables ``cpu_compat`` or the emulated CUDA device: torch, TorchDynamo, transformers (whose
+top-level import is lazy and device-independent), and megatron-core through
+``cpu_compat._import_megatron_with_eager_fusions`` (the one import both modes make before
 patching anything). Nothing is patched and no tensor op runs in the server, so a forked child
 starts from the state a fresh one reaches after those imports. The server is single-threaded
 (forking a threaded process can inherit a held lock); it checks that and refuses to serve
@@ -158,6 +159,9 @@ def popen(argv: list[str], *, env: dict[str, str], log: str, cwd: str = ROOT,
         stderr_log: a separate file for stderr.
     """
     argv = [str(a) for a in argv]
+    for path in (log, stderr_log):
+        if path:
+            open(path, "a").close()  # exists on return, before the child writes
     if os.environ.get(DISABLE_ENV) != "1":
         server = _server()
         if _startup_keys(env) == _startup_keys(server.env):
@@ -206,6 +210,8 @@ def run(argv: list[str], *, env: Optional[dict[str, str]] = None, cwd: str = ROO
 def _preload() -> None:
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401  (torch.optim imports it on first use)
+    import transformers  # noqa: F401  (tokenizers: 1.5 s of every training run)
+    # not ``datasets``: it imports pyarrow, which starts a thread
 
     from megatron_ift import cpu_compat
 

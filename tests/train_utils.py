@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import forkserver
 from dist_utils import ROOT, torchrun
@@ -37,7 +35,7 @@ def single_process(run_dir: str, *overrides: str, env=None, script: str | None =
     argv = [*entry, "--config", DEMO, f"checkpoint.dir={run_dir}",
             "parallel.tensor_model_parallel_size=1", *FAST, *overrides]
     log_path = f"{run_dir}.log"
-    open(log_path, "w").close()
+    open(log_path, "w").close()  # a fresh log per run
     proc = forkserver.popen(argv, env=full_env, log=log_path)
     proc.log_path = log_path
     return proc
@@ -53,47 +51,12 @@ def metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-class WarmTrainer:
-    """``megatron-ift train`` runs served by one warm process (``tests/workers/warm_train.py``).
-
-    ``run(argv)`` returns a ``subprocess.CompletedProcess`` like ``subprocess.run`` of the real
-    command would (exit status, what it printed on stdout and stderr). Use as a context manager;
-    the process ends with the block.
-    """
-
-    def __init__(self, env: dict | None = None, timeout: float = 300) -> None:
-        self.env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-        self.env.pop("MEGATRON_IFT_DEBUG", None)
-        self.env.update(env or {})
-        self.timeout = timeout
-
-    def __enter__(self) -> "WarmTrainer":
-        import tempfile
-
-        self._log = tempfile.TemporaryFile(mode="w+")
-        self._proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests", "workers", "warm_train.py")],
-            cwd=ROOT, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, text=True)
-        return self
-
-    def run(self, argv: list[str]) -> subprocess.CompletedProcess:
-        import select
-
-        self._proc.stdin.write(json.dumps({"argv": [str(a) for a in argv]}) + "\n")
-        self._proc.stdin.flush()
-        ready, _, _ = select.select([self._proc.stdout], [], [], self.timeout)
-        line = self._proc.stdout.readline() if ready else ""
-        if not line:
-            self._proc.kill()
-            self._log.seek(0)
-            raise AssertionError(f"warm trainer gave no answer to {argv}:\n{self._log.read()[-4000:]}")
-        reply = json.loads(line)
-        return subprocess.CompletedProcess(argv, reply["returncode"], reply["stdout"], reply["stderr"])
-
-    def __exit__(self, *exc) -> None:
-        # every answered run has returned from main (saves joined, groups destroyed): nothing is
-        # left to finish, and interpreter teardown of torch costs seconds, so the process is killed
-        self._proc.kill()
-        self._proc.wait(timeout=60)
-        self._log.close()
+def run_train(argv: list[str], *, env: dict | None = None, timeout: float = 300):
+    """``python -m megatron_ift.train <argv>`` in a world of one, to its end: a
+    ``subprocess.CompletedProcess`` (exit status, stdout, stderr). The process is forked from
+    the test fork server (``forkserver``), so a short run costs its own work, not the imports."""
+    full_env = forkserver.base_env()
+    full_env.pop("MEGATRON_IFT_DEBUG", None)
+    full_env.update(env or {})
+    return forkserver.run(["-m", "megatron_ift.train", *map(str, argv)], env=full_env,
+                          timeout=timeout)
