@@ -121,3 +121,23 @@ def test_greedy_decoding_from_a_checkpoint(tmp_path):
                            str(tmp_path)], env=env, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert json.loads((tmp_path / "ok.json").read_text()) == {"ok": True}
+
+
+def test_a_named_pretrained_study_gets_its_own_block_on_the_page(tmp_path):
+    from megatron_ift.studies import pretrained_report
+    from megatron_ift.studies.report import write_block
+
+    main = pretrained_report.markers({"study": {"base_model": "smollm2"}})
+    variant = pretrained_report.markers({"study": {"name": "optimal_demos"}})
+    assert main == (pretrained_report.BEGIN, pretrained_report.END)
+    assert "study-pretrained-optimal_demos:begin" in variant[0] and variant[1].endswith(":end -->")
+    doc = str(tmp_path / "page.md")
+    for (begin, end), body in ((main, "first"), (variant, "variant"), (main, "second")):
+        write_block(doc, f"{begin}\n{body}\n{end}", begin, end)
+    text = open(doc).read()
+    assert "variant" in text and "second" in text and "first" not in text
+    assert text.count(main[0]) == 1 and text.count(variant[0]) == 1
+    # the shipped variant config names itself and trains on optimal demonstrations only
+    study, _ = run_study.load_study(run_study.resolve_config("smollm2_optimal"), quick=False)
+    assert study["name"] == "optimal_demos" and study["compute_ratio"] == 1.37
+    assert [t["data"]["epsilon"] for t in study["tasks"].values()] == [0.0]
