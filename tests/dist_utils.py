@@ -7,7 +7,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -38,28 +37,23 @@ def free_port() -> int:
         return port
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dict | None = None,
-             launcher: str = "direct") -> str:
+def torchrun(script: str, nproc: int, *args: str, timeout: float = 240, env: dict | None = None) -> str:
     """Run ``tests/workers/<script>`` (or a path) as the ``nproc`` CPU ranks of one gloo world.
 
-    ``launcher="direct"`` starts the ranks itself with the environment torchrun gives them
-    (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``,
-    ``MASTER_ADDR``, ``MASTER_PORT``) and, like torchrun, stops the others when one fails. It
-    skips torchrun's elastic agent, whose own torch import and monitoring cost seconds per launch
-    and are not under test here; ``launcher="torchrun"`` runs the real ``torch.distributed.run``
-    (the README's demo test; ``tests/test_launch.py`` runs the launch scripts themselves).
+    The ranks are started (forked from the fork server, ``forkserver``) with the environment
+    torchrun gives them (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+    ``GROUP_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and, like torchrun, a failed rank stops the
+    others. torchrun's elastic agent, whose own torch import and monitoring cost seconds per
+    launch, is not under test here: ``tests/test_launch.py`` runs the launch scripts (which exec
+    the real torchrun) and ``tests/test_slurm.py`` the real trainer under torchrun in Slurm.
 
-    Returns the ranks' combined output (rank 0 first; torchrun interleaves them); raises
+    Returns the ranks' combined output (rank 0 first); raises
     AssertionError with the output's tail on failure or timeout (a hung collective must fail the
     test, never hang CI).
     """
     path = script if os.path.isabs(script) else os.path.join(WORKERS, script)
     full_env = forkserver.base_env()
     full_env.update(env or {})
-    if launcher == "torchrun":
-        return _torchrun(path, script, nproc, args, timeout, full_env)
-    if launcher != "direct":
-        raise ValueError(f"launcher must be 'direct' or 'torchrun', not {launcher!r}")
     port = str(free_port())
     with tempfile.TemporaryDirectory(prefix="ranks-") as logs:
         procs = []
@@ -106,22 +100,3 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _torchrun(path, script, nproc, args, timeout, full_env) -> str:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-        path, *map(str, args),
-    ]
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        raise AssertionError(f"torchrun {script} x{nproc} timed out after {timeout}s\n{out[-4000:]}")
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun {script} x{nproc} failed ({proc.returncode}):\n{out[-6000:]}")
-    return out

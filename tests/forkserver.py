@@ -9,8 +9,8 @@ works), its own environment, working directory, ``sys.argv``, ``sys.path[0]`` an
 ``subprocess`` reports it).
 
 What the server imports is what every CPU process of this project imports the same way whether it
-later enables ``cpu_compat`` or the emulated CUDA device: torch, TorchDynamo, transformers (whose
-top-level import is lazy and device-independent), and megatron-core through
+later enables ``cpu_compat`` or the emulated CUDA device: torch, TorchDynamo, transformers and
+datasets (imports that are lazy and device-independent), and megatron-core through
 ``cpu_compat._import_megatron_with_eager_fusions`` (the one import both modes make before
 patching anything). Nothing is patched and no tensor op runs in the server, so a forked child
 starts from the state a fresh one reaches after those imports. The server is single-threaded
@@ -19,7 +19,7 @@ otherwise.
 
 A launch whose environment differs from the server's in a variable that takes effect at
 interpreter or library start (``STARTUP_ENV``: thread counts, ``PYTHON*``, ``LD_*``, CUDA
-visibility) cannot be forked faithfully; :func:`popen` starts those as ordinary processes.
+visibility, the Hugging Face libraries' cache and offline settings) cannot be forked faithfully; :func:`popen` starts those as ordinary processes.
 ``MEGATRON_IFT_NO_FORKSERVER=1`` turns the server off for a run of the suite.
 """
 
@@ -42,7 +42,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISABLE_ENV = "MEGATRON_IFT_NO_FORKSERVER"
 STARTUP_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
                "MALLOC_ARENA_MAX")
-STARTUP_PREFIXES = ("PYTHON", "LD_", "GOMP_", "KMP_")
+STARTUP_PREFIXES = ("PYTHON", "LD_", "GOMP_", "KMP_", "HF_", "TRANSFORMERS_", "DATASETS_")
+#: The server's own additions: pyarrow's jemalloc (imported with ``datasets``) otherwise starts a
+#: background purging thread, and a threaded process must not fork. Purging then happens inline:
+#: the same allocations, no thread.
+SERVER_ENV = {"JE_ARROW_MALLOC_CONF": "background_thread:false"}
 
 
 def base_env() -> dict[str, str]:
@@ -91,7 +95,7 @@ class _Server:
     def __init__(self) -> None:
         self.env = base_env()
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=self.env,
+            [sys.executable, os.path.abspath(__file__)], cwd=ROOT, env={**self.env, **SERVER_ENV},
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         ready = self.proc.stdout.readline()
@@ -208,10 +212,10 @@ def run(argv: list[str], *, env: Optional[dict[str, str]] = None, cwd: str = ROO
 
 
 def _preload() -> None:
+    import datasets  # noqa: F401  (SFT data files: with transformers 2.4 s of every training run)
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401  (torch.optim imports it on first use)
-    import transformers  # noqa: F401  (tokenizers: 1.5 s of every training run)
-    # not ``datasets``: it imports pyarrow, which starts a thread
+    import transformers  # noqa: F401  (tokenizers)
 
     from megatron_ift import cpu_compat
 

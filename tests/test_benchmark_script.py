@@ -2,19 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 
+import forkserver
 from dist_utils import ROOT
 
 
 def test_benchmark_timing_mode_reports_ratio_and_floor():
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "ift_vs_sft.py"), "--mode", "timing",
+    env = {k: v for k, v in forkserver.base_env().items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    cmd = [os.path.join(ROOT, "benchmarks", "ift_vs_sft.py"), "--mode", "timing",
            "--layers", "2", "--hidden", "32", "--heads", "4", "--vocab", "256", "--seq", "32",
            "--mbs", "2", "--microbatches", "2", "--warmup", "1", "--steps", "2", "--prompt-fraction", "0.5"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=200)
+    proc = forkserver.run(cmd, env=env, timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     med = out["median_step_s"]

@@ -5,24 +5,23 @@ and every reported figure is consistent with the raw step times."""
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 import pytest
 
+import forkserver
 from dist_utils import ROOT
 
 MODES = ("mg_sft", "mg_ift", "hf_sft", "hf_ift")
 
 
 def test_vs_transformers_timing_mode():
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "vs_transformers.py"), "--mode", "timing",
+    env = {k: v for k, v in forkserver.base_env().items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    cmd = [os.path.join(ROOT, "benchmarks", "vs_transformers.py"), "--mode", "timing",
            "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--ffn", "128",
            "--vocab", "512", "--seq", "64", "--mbs", "2", "--warmup", "1", "--steps", "2",
            "--threads", "1", "--data", "chat"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = forkserver.run(cmd, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     first = out["first_loss_forward_only"]

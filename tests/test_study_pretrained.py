@@ -7,17 +7,16 @@ Plus the tasks' data and scoring, without a model."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 
+import forkserver
 from megatron_ift.studies import chat_tasks as ct
 from megatron_ift.studies import frozen_lake as fl
 from megatron_ift.studies import pretrained, pretrained_report, run_study
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = forkserver.ROOT
 
 
 # -- data and scoring (no model) ---------------------------------------------------------------
@@ -137,16 +136,15 @@ def tiny_study(tmp_path_factory):
     cfg["data"]["seq_length"] = 256
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in forkserver.base_env().items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
     out = root / "out"
     doc = root / "study.md"
     doc.write_text("# Study\n\nhand-written text\n")
-    cmd = [sys.executable, "-m", "megatron_ift.studies.run_study", "--pretrained", "--configs",
+    cmd = ["-m", "megatron_ift.studies.run_study", "--pretrained", "--configs",
            str(config), "--work-dir", str(root / "work"), "--out", str(out), "--doc", str(doc),
            "--threads", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = forkserver.run(cmd, env=env, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return {"root": root, "out": out, "doc": doc, "log": proc.stdout,
             "results": json.loads((out / "results.json").read_text())}
@@ -183,10 +181,8 @@ def test_tiny_pretrained_study_runs_every_piece(tiny_study):
 @pytest.mark.slow
 def test_tiny_pretrained_study_replots_and_reuses_the_import(tiny_study, tmp_path):
     doc = tmp_path / "page.md"
-    cmd = [sys.executable, "-m", "megatron_ift.studies.run_study", "--pretrained", "--replot",
-           "--out", str(tiny_study["out"]), "--doc", str(doc)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = forkserver.run(["-m", "megatron_ift.studies.run_study", "--pretrained", "--replot",
+                           "--out", str(tiny_study["out"]), "--doc", str(doc)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert pretrained_report.BEGIN in doc.read_text()
     model_root = tiny_study["root"] / "work" / "model"

@@ -4,24 +4,21 @@ a random policy's, measured on the same lakes in the same run); which one wins i
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import forkserver
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~2-3 min on an idle 2-core CPU; generous for a shared one
 def test_quick_study_sft_and_ift_both_learn(tmp_path):
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in forkserver.base_env().items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "megatron_ift.studies.run_study", "--quick",
+    cmd = ["-m", "megatron_ift.studies.run_study", "--quick",
            "--work-dir", str(tmp_path / "work"), "--out", str(out), "--doc", "none", "--jobs", "2", "--threads", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1700)
+    proc = forkserver.run(cmd, env=env, timeout=1700)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
     results = json.loads((out / "results.json").read_text())

@@ -2,7 +2,8 @@
 
 The preset runs 100 steps; 60 of them (the same model, data, batch and optimiser; the cosine
 schedule over 60 steps) show the same thing for 40% less suite time, with an evaluation and a
-save at step 50 and the final save.
+save at step 50 and the final save. The two ranks come from the suite's launcher
+(``dist_utils.torchrun``); the real torchrun with the real trainer runs in ``tests/test_slurm.py``.
 """
 
 import json
@@ -18,7 +19,7 @@ from train_utils import DEMO
 @pytest.mark.timeout(900)
 def test_demo_preset_loss_falls(tmp_path):
     out = torchrun("train_cli.py", 2, "--config", DEMO, f"checkpoint.dir={tmp_path}",
-                   "train.steps=60", timeout=900, launcher="torchrun")
+                   "train.steps=60", timeout=900)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 60
     first = sum(r["loss"] for r in rows[:10]) / 10
