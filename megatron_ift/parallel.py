@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_ift.config_io import check_literals
 from megatron_ift.validation import ConfigError, check_positive_int
 
 
@@ -33,7 +34,7 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduction with backward."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with the next forward."""
-    backend: str = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: nccl on GPU, gloo on CPU (auto), or forced."""
     timeout_minutes: int = 30
     """Collective timeout."""
@@ -59,8 +60,7 @@ class ParallelConfig:
                 "parallel.context_parallel_size > 1 is not supported by the IFT step yet; "
                 "set it to 1 (use sequence_parallel for long sequences)"
             )
-        if self.backend not in ("auto", "gloo", "nccl"):
-            raise ConfigError(f"parallel.backend={self.backend!r} is not one of 'auto', 'gloo', 'nccl'")
+        check_literals(self, "parallel")
 
     @property
     def model_parallel_size(self) -> int:

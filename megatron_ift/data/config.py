@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from megatron_ift.data.templates import AUTO, FALLBACK_TEMPLATES, is_literal_template
-from megatron_ift.validation import ConfigError, check_choice, check_positive_int, check_range
+from megatron_ift.config_io import check_literals
+from megatron_ift.validation import ConfigError, check_positive_int, check_range
 
-FORMATS = ("sft", "pretrain")
-TRUNCATIONS = ("drop", "truncate")
 DEFAULT_COLUMNS = {
     "messages": "messages",
     "prompt": "prompt",
@@ -24,7 +23,7 @@ DEFAULT_COLUMNS = {
 class DataConfig:
     """The data pipeline's options (``data:`` in a run's YAML)."""
 
-    format: str = "sft"
+    format: Literal["sft", "pretrain"] = "sft"
     """``sft``: conversations or prompt/response pairs, loss on assistant tokens only.
     ``pretrain``: Megatron indexed ``.bin/.idx`` token files (``tools/preprocess_data.py``),
     loss on every token."""
@@ -49,7 +48,7 @@ class DataConfig:
     """``sft``: pack several samples per sequence (segment ids, attention never crosses a
     segment). ``pretrain``: split sequences at end-of-document tokens the same way; off, documents
     run on into each other as in plain GPT pretraining."""
-    truncation: str = "drop"
+    truncation: Literal["drop", "truncate"] = "drop"
     """Samples longer than ``seq_length``: ``drop`` them or ``truncate`` them to it (both
     counted in the build report)."""
     num_proc: int = 1
@@ -73,8 +72,7 @@ class DataConfig:
             object.__setattr__(self, "weights", tuple(self.weights))
         object.__setattr__(self, "columns", dict(self.columns or {}))
 
-        check_choice("data.format", self.format, FORMATS)
-        check_choice("data.truncation", self.truncation, TRUNCATIONS)
+        check_literals(self, "data")
         if not paths or not all(isinstance(p, str) and p for p in paths):
             raise ConfigError(f"data.paths={list(paths)!r} must list at least one file or prefix")
         if not isinstance(self.tokenizer_path, str) or not self.tokenizer_path:

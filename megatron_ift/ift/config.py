@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
-from megatron_ift.validation import (
-    ConfigError,
-    check_choice,
-    check_positive_int,
-    check_range,
-)
+from megatron_ift.config_io import check_literals
+from megatron_ift.validation import ConfigError, check_positive_int, check_range
 
-ESTIMATORS = ("greedy", "kth", "sample", "top_p")
-SCHEDULES = ("constant", "linear")
-DISTURBS = ("none", "normal")
-PROPAGATION_TYPES = ("loss", "logps", "mask")
-PROPAGATION_NORMS = ("L1", "L2", "softmax", "log")
-PROPAGATION_SIDES = ("left", "right")
-MIXING_EMBEDDINGS = ("live", "detached")
-AGGREGATIONS = ("sample_mean", "token_mean")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,7 +17,7 @@ class IFTConfig:
     With ``max_lambda = 0`` (and ``min_lambda = 0``) and ``gamma = 0`` the step is plain SFT.
     """
 
-    estimator: str = "greedy"
+    estimator: Literal["greedy", "kth", "sample", "top_p"] = "greedy"
     """How the model estimates each answer token: ``greedy`` (argmax, ties to the lowest id),
     ``kth`` (k-th most likely), ``sample`` (temperature sampling) or ``top_p`` (nucleus)."""
     k: int = 2
@@ -39,7 +27,7 @@ class IFTConfig:
     top_p: Optional[float] = None
     """Nucleus mass for the ``top_p`` estimator, in (0, 1]; required when estimator is top_p."""
 
-    schedule: str = "constant"
+    schedule: Literal["constant", "linear"] = "constant"
     """Lambda schedule: ``constant`` (max_lambda) or ``linear`` warm-up from min to max."""
     max_lambda: float = 0.2
     """Mixing coefficient of the estimated tokens (constant value, or end of the warm-up)."""
@@ -47,25 +35,25 @@ class IFTConfig:
     """Start of the ``linear`` schedule."""
     warmup_steps: int = 0
     """Steps of the ``linear`` schedule from min_lambda to max_lambda (>= 1 when linear)."""
-    disturb: str = "none"
+    disturb: Literal["none", "normal"] = "none"
     """``normal``: multiply lambda by (1 + disturb_std * eps_step), eps_step ~ N(0, 1) per step."""
     disturb_std: float = 0.5
     """Relative standard deviation of the lambda disturbance."""
 
     gamma: float = 0.95
     """Discount of the temporal residual connection, in [0, 1]; 0 gives uniform weights."""
-    propagation_type: str = "loss"
+    propagation_type: Literal["loss", "logps", "mask"] = "loss"
     """Per-token item propagated: ``loss`` (-logp / n), ``logps`` (-logp) or ``mask``."""
-    propagation_norm: str = "L1"
+    propagation_norm: Literal["L1", "L2", "softmax", "log"] = "L1"
     """How the discounted sum becomes a weight: ``L1``, ``L2``, ``softmax`` or ``log``."""
-    propagation_side: str = "left"
+    propagation_side: Literal["left", "right"] = "left"
     """``left``: weight by what follows a token; ``right``: by what precedes it (reference quirk)."""
     detach_weights: bool = False
     """Stop gradients through the propagation weights (the reference lets them flow)."""
 
-    mixing_embeddings: str = "live"
+    mixing_embeddings: Literal["live", "detached"] = "live"
     """``live``: the model's own embedding, gradients flowing; ``detached``: reference parity."""
-    aggregation: str = "sample_mean"
+    aggregation: Literal["sample_mean", "token_mean"] = "sample_mean"
     """Batch loss: mean of per-sample losses (reference) or ``token_mean`` (Megatron SFT)."""
     seed: int = 1234
     """Seed of the lambda disturbance and of the sampling estimators."""
@@ -77,14 +65,7 @@ class IFTConfig:
     setting only: results do not depend on it."""
 
     def __post_init__(self) -> None:
-        check_choice("ift.estimator", self.estimator, ESTIMATORS)
-        check_choice("ift.schedule", self.schedule, SCHEDULES)
-        check_choice("ift.disturb", self.disturb, DISTURBS)
-        check_choice("ift.propagation_type", self.propagation_type, PROPAGATION_TYPES)
-        check_choice("ift.propagation_norm", self.propagation_norm, PROPAGATION_NORMS)
-        check_choice("ift.propagation_side", self.propagation_side, PROPAGATION_SIDES)
-        check_choice("ift.mixing_embeddings", self.mixing_embeddings, MIXING_EMBEDDINGS)
-        check_choice("ift.aggregation", self.aggregation, AGGREGATIONS)
+        check_literals(self, "ift")
         check_positive_int("ift.k", self.k)
         check_range("ift.temperature", self.temperature, 0.0, low_inclusive=False)
         check_range("ift.max_lambda", self.max_lambda, 0.0, 1.0)

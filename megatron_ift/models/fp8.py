@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from megatron_ift.validation import ConfigError, check_choice, check_positive_int
+from megatron_ift.config_io import check_literals
+from megatron_ift.validation import ConfigError, check_positive_int
 
-RECIPES = ("delayed", "tensorwise")
-FORMATS = ("e4m3", "hybrid")
-AMAX_ALGOS = ("max", "most_recent")
 MIN_COMPUTE_CAPABILITY = (8, 9)
 #: Transformer Engine release that added per-tensor current scaling (Float8CurrentScaling).
 MIN_TE_FOR_TENSORWISE = (2, 2)
@@ -41,12 +39,12 @@ class FP8Config:
 
     enabled: bool = False
     """Run the transformer layers' GEMMs in FP8 (needs TE and compute capability >= 8.9)."""
-    recipe: str = "tensorwise"
+    recipe: Literal["delayed", "tensorwise"] = "tensorwise"
     """Scaling recipe. ``tensorwise``: per-tensor *current* scaling, each scale computed from the
     tensor being cast (no history to warm up, robust to the shifts of fine-tuning, required to
     keep the first/last layers in bf16). ``delayed``: scales from an amax history of past steps
     (cheaper, the TE 1.x default)."""
-    format: str = "hybrid"
+    format: Literal["e4m3", "hybrid"] = "hybrid"
     """``hybrid``: e4m3 for activations and weights, e5m2 (more range) for gradients;
     ``e4m3``: e4m3 everywhere."""
     first_last_layers_bf16: bool = False
@@ -59,7 +57,7 @@ class FP8Config:
     """Layers at the end kept in bf16 when ``first_last_layers_bf16``."""
     amax_history_len: int = 1024
     """Delayed scaling: steps of amax history per tensor."""
-    amax_compute_algo: str = "max"
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
     """Delayed scaling: ``max`` over the history (safer) or ``most_recent``."""
     margin: int = 0
     """Scale margin: scales are divided by 2**margin for headroom against overflow."""
@@ -70,9 +68,7 @@ class FP8Config:
     distributed optimizer's all-gather; the fp32 master weights stay."""
 
     def __post_init__(self) -> None:
-        check_choice("fp8.recipe", self.recipe, RECIPES)
-        check_choice("fp8.format", self.format, FORMATS)
-        check_choice("fp8.amax_compute_algo", self.amax_compute_algo, AMAX_ALGOS)
+        check_literals(self, "fp8")
         check_positive_int("fp8.num_layers_at_start_in_bf16", self.num_layers_at_start_in_bf16,
                            allow_zero=True)
         check_positive_int("fp8.num_layers_at_end_in_bf16", self.num_layers_at_end_in_bf16,
