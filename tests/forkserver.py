@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,12 +140,20 @@ class _Server:
 
 
 _SERVER: Optional[_Server] = None
+_UNAVAILABLE: Optional[str] = None
 
 
-def _server() -> _Server:
-    global _SERVER
-    if _SERVER is None:
-        _SERVER = _Server()
+def _server() -> Optional[_Server]:
+    """The server of this pytest process (started on first use), or None if it could not start:
+    then every launch is a fresh interpreter (slower, same results) and a warning says why."""
+    global _SERVER, _UNAVAILABLE
+    if _SERVER is None and _UNAVAILABLE is None:
+        try:
+            _SERVER = _Server()
+        except (RuntimeError, OSError, ValueError) as exc:
+            _UNAVAILABLE = str(exc)
+            warnings.warn(f"fork server unavailable, starting fresh interpreters: {exc}")
+            return None
         atexit.register(_SERVER.close)
     return _SERVER
 
@@ -166,8 +175,8 @@ def popen(argv: list[str], *, env: dict[str, str], log: str, cwd: str = ROOT,
     for path in (log, stderr_log):
         if path:
             open(path, "a").close()  # exists on return, before the child writes
-    if os.environ.get(DISABLE_ENV) != "1":
-        server = _server()
+    server = _server() if os.environ.get(DISABLE_ENV) != "1" else None
+    if server is not None:
         if _startup_keys(env) == _startup_keys(server.env):
             return Child(server, server.spawn(argv, env, cwd, log, stderr_log or log))
     out = open(log, "a")
