@@ -2,7 +2,7 @@
 process groups or real training runs), ``slow`` (over ~30 s with its fixture), ``gpu`` (a CUDA
 GPU). A test with none of the others is ``unit``; ``gpu`` tests are skipped without CUDA.
 
-    pytest tests                 # everything (two xdist workers; what CI runs)
+    pytest tests                 # everything (three xdist workers; what CI runs)
     pytest tests -m "not slow"   # the quick loop
     pytest tests -m unit -n 0    # in-process tests only, one process
 """
