@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 
 import forkserver
+from forkserver import ROOT, kill_group  # noqa: F401  (re-exported: the tests import them here)
 
-ROOT = forkserver.ROOT
 WORKERS = os.path.join(ROOT, "tests", "workers")
 
 
@@ -22,7 +21,7 @@ def free_port() -> int:
     A port the kernel hands out (bind to 0) can be handed out again, as the ephemeral end of any
     other test's gloo connection, before the rendezvous binds it: CI saw that as EADDRINUSE.
     Ports below 32768 are never handed out implicitly; each pytest-xdist worker draws from its
-    own block, so the two workers never pick the same one.
+    own block, so two workers never pick the same one.
     """
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     block = int(worker[2:]) if worker[2:].isdigit() else 0
@@ -91,12 +90,3 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> str:
         if time.monotonic() > deadline:
             return f"timed out after {timeout}s"
         time.sleep(0.05)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL a process started with ``start_new_session=True`` and everything in its group
-    (a training run and any checkpoint writer it left); nothing if it is already gone."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -19,7 +19,8 @@ otherwise.
 
 A launch whose environment differs from the server's in a variable that takes effect at
 interpreter or library start (``STARTUP_ENV``: thread counts, ``PYTHON*``, ``LD_*``, CUDA
-visibility, the Hugging Face libraries' cache and offline settings) cannot be forked faithfully; :func:`popen` starts those as ordinary processes.
+visibility, the Hugging Face libraries' cache and offline settings) cannot be forked
+faithfully; :func:`popen` starts those as ordinary processes.
 ``MEGATRON_IFT_NO_FORKSERVER=1`` turns the server off for a run of the suite.
 """
 
@@ -63,6 +64,15 @@ def _startup_keys(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k in STARTUP_ENV or k.startswith(STARTUP_PREFIXES)}
 
 
+def kill_group(proc) -> None:
+    """SIGKILL a process started in its own session (``popen`` does that) and everything in its
+    group (a training run and any checkpoint writer it left); nothing if it is already gone."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 class Child:
     """A forked launch, with the part of ``subprocess.Popen``'s interface the tests use."""
 
@@ -95,6 +105,7 @@ class _Server:
 
     def __init__(self) -> None:
         self.env = base_env()
+        self.startup = _startup_keys(self.env)  # what a forked launch must share with the server
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__)], cwd=ROOT, env={**self.env, **SERVER_ENV},
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -176,9 +187,8 @@ def popen(argv: list[str], *, env: dict[str, str], log: str, cwd: str = ROOT,
         if path:
             open(path, "a").close()  # exists on return, before the child writes
     server = _server() if os.environ.get(DISABLE_ENV) != "1" else None
-    if server is not None:
-        if _startup_keys(env) == _startup_keys(server.env):
-            return Child(server, server.spawn(argv, env, cwd, log, stderr_log or log))
+    if server is not None and _startup_keys(env) == server.startup:
+        return Child(server, server.spawn(argv, env, cwd, log, stderr_log or log))
     out = open(log, "a")
     err = open(stderr_log, "a") if stderr_log else None
     try:
@@ -206,10 +216,7 @@ def run(argv: list[str], *, env: Optional[dict[str, str]] = None, cwd: str = ROO
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_group(proc)
             proc.wait()
             raise
         with open(out) as f_out, open(err) as f_err:

@@ -19,7 +19,8 @@ import pytest
 
 import forkserver
 from dist_utils import ROOT
-from train_utils import DEMO, FAST, losses, metrics, run_train
+from train_utils import (DEMO, FAST, losses, metrics, read_log, run_train, single_process,
+                         wait_for_output)
 
 WORKER = os.path.join(ROOT, "tests", "workers", "hardening_train.py")
 # One data file and short steps keep every run to a few seconds of work after start-up.
@@ -41,32 +42,9 @@ def train():
 
 
 def start(run, *overrides, env=None):
-    """A run left going, its output in ``<run>.log`` (``read(proc)``), for signals."""
-    log = f"{run}.log"
-    open(log, "w").close()  # a fresh log per run
-    full_env = forkserver.base_env()
-    full_env.pop("MEGATRON_IFT_DEBUG", None)
-    full_env.update(env or {})
-    proc = forkserver.popen(_cmd(run, *overrides), env=full_env, log=log)
-    proc.log_path = log
-    return proc
-
-
-def read(proc) -> str:
-    with open(proc.log_path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
-def _read_until(proc, needle: str, timeout: float = 240) -> str:
-    deadline = time.time() + timeout
-    while needle not in (out := read(proc)):
-        if proc.poll() is not None:
-            raise AssertionError(f"exited ({proc.returncode}) before {needle!r}:\n{out[-3000:]}")
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"{needle!r} not seen:\n{out[-3000:]}")
-        time.sleep(0.1)
-    return out
+    """A run left going (``train_utils.single_process`` with the fault hooks and SMALL), for
+    signals; its output is ``read_log(proc)``."""
+    return single_process(str(run), *SMALL, *overrides, env=env, script=WORKER)
 
 
 def _one_line_error(r: subprocess.CompletedProcess, code: int, needle: str) -> str:
@@ -172,22 +150,22 @@ def test_divergence_ends_with_the_nonfinite_policy(tmp_path, train):
 def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(tmp_path):
     run = tmp_path / "run"
     proc = start(run, "train.steps=50", "logging.log_interval=1")
-    _read_until(proc, "step 2/50")
+    wait_for_output(proc, "step 2/50", timeout=240)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=240)
-    out = read(proc)
+    out = read_log(proc)
     assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
     step = int(out.split("preempted: saved checkpoint at step")[1].split()[0])
     assert (run / "latest").read_text().strip() == f"iter_{step:07d}"
     assert not (run / "run.lock").exists()
     # Resume, then two Ctrl-C in a row: abort at once, exit 130, latest unchanged.
     proc = start(run, "train.steps=50", "logging.log_interval=1")
-    _read_until(proc, f"step {step + 1}/50")
+    wait_for_output(proc, f"step {step + 1}/50", timeout=240)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=240)
-    out = read(proc)
+    out = read_log(proc)
     assert proc.returncode == 130, out[-3000:]
     assert "megatron-ift train: interrupted" in out and "Traceback" not in out, out[-3000:]
     assert (run / "latest").read_text().strip() == f"iter_{step:07d}"

@@ -4,13 +4,12 @@ configuration errors raised before any model is built."""
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
-import forkserver
 from dist_utils import ROOT, kill_group
-from train_utils import DEMO, FAST, losses, run_train, single_process
+from train_utils import (DEMO, FAST, losses, read_log, run_train, single_process,
+                         wait_for_output)
 
 HARDENING_WORKER = os.path.join(ROOT, "tests", "workers", "hardening_train.py")
 
@@ -20,33 +19,15 @@ def _worker_process(run_dir: str, *overrides: str, env=None) -> subprocess.Popen
     return single_process(run_dir, *overrides, env=env, script=HARDENING_WORKER)
 
 
-def _output(proc: subprocess.Popen) -> str:
-    with open(proc.log_path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
-def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = _output(proc)
-        if text in out:
-            return out
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    kill_group(proc)
-    raise AssertionError(f"{text!r} not seen:\n{_output(proc)[-3000:]}")
-
-
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        raise AssertionError(f"run did not finish in {timeout}s:\n{_output(proc)[-3000:]}")
+        raise AssertionError(f"run did not finish in {timeout}s:\n{read_log(proc)[-3000:]}")
     code = proc.returncode
     kill_group(proc)
-    return code, _output(proc)
+    return code, read_log(proc)
 
 
 @pytest.mark.timeout(900)
@@ -54,7 +35,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     proc = single_process(str(run), "train.steps=50")
-    _wait_for(proc, "step 2/50")
+    wait_for_output(proc, "step 2/50")
     proc.send_signal(signal.SIGTERM)
     code, out = _finish(proc)
     assert code == 0, out

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import forkserver
-from dist_utils import ROOT, torchrun
+from dist_utils import ROOT, kill_group, torchrun
 
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 FAST = [
@@ -30,6 +31,7 @@ def single_process(run_dir: str, *overrides: str, env=None, script: str | None =
     SIGKILL would keep a pipe open). The path is ``proc.log_path``.
     """
     full_env = forkserver.base_env()
+    full_env.pop("MEGATRON_IFT_DEBUG", None)
     full_env.update(env or {})
     entry = [script] if script else ["-m", "megatron_ift.train"]
     argv = [*entry, "--config", DEMO, f"checkpoint.dir={run_dir}",
@@ -39,6 +41,27 @@ def single_process(run_dir: str, *overrides: str, env=None, script: str | None =
     proc = forkserver.popen(argv, env=full_env, log=log_path)
     proc.log_path = log_path
     return proc
+
+
+def read_log(proc) -> str:
+    """What a ``single_process`` run has printed so far."""
+    with open(proc.log_path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def wait_for_output(proc, needle: str, timeout: float = 300) -> str:
+    """Poll a ``single_process`` run's log until ``needle`` appears; returns the log. Raises
+    AssertionError (with the log's tail) if the run exits first or ``timeout`` passes; the run's
+    process group is killed then."""
+    deadline = time.monotonic() + timeout
+    while needle not in (out := read_log(proc)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            why = (f"exited ({proc.returncode})" if proc.poll() is not None
+                   else f"still running after {timeout}s")
+            kill_group(proc)
+            raise AssertionError(f"{needle!r} not seen, {why}:\n{out[-3000:]}")
+        time.sleep(0.1)
+    return out
 
 
 def losses(run_dir: str) -> list[float]:
