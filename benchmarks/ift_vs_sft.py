@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
+import platform as host
 import statistics
 import subprocess
 import sys
@@ -27,77 +26,73 @@ sys.path.insert(0, ROOT)
 
 
 def _setup(args):
+    from megatron_ift.platform import bootstrap
+
+    platform = bootstrap()
     import torch
 
-    from megatron_ift.parallel import (
-        ParallelConfig,
-        init_distributed,
-        model_parallel_seed,
-        use_cpu_compat_without_cuda,
-    )
-
-    use_cpu_compat_without_cuda()
+    from megatron_ift.data.batch import Batch
+    from megatron_ift.distributed import init_distributed, model_parallel_seed
     from megatron_ift.models.config import ModelConfig
+    from megatron_ift.parallel import ParallelConfig
     from megatron_ift.training.engine import OptimizerConfig, build_model, build_optimizer
 
     par = ParallelConfig(use_distributed_optimizer=False)
-    init_distributed(par)
-    model_parallel_seed(1)
+    init_distributed(par, platform)
+    model_parallel_seed(1, platform)
     model = ModelConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         num_query_groups=max(1, args.heads // 2), ffn_hidden_size=args.hidden * 3,
         vocab_size=args.vocab, max_position_embeddings=args.seq,
         params_dtype=args.dtype, transformer_impl="local",
     )
-    chunks, tcfg = build_model(model, par)
+    chunks, tcfg = build_model(model, par, platform)
     opt = build_optimizer(chunks, OptimizerConfig(lr=1e-4), model, par, tcfg)
     g = torch.Generator().manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     mbs = []
     for _ in range(args.microbatches):
         tokens = torch.randint(0, args.vocab, (args.mbs, args.seq + 1), generator=g)
         mask = torch.ones(args.mbs, args.seq)
         mask[:, : int(args.seq * args.prompt_fraction)] = 0  # the prompt: no loss, no estimate
-        mbs.append({
-            "tokens": tokens[:, :-1].to(dev), "labels": tokens[:, 1:].to(dev),
-            "loss_mask": mask.to(dev),
-            "position_ids": torch.arange(args.seq).repeat(args.mbs, 1).to(dev),
-            "sample_ids": torch.arange(args.mbs).to(dev),
-        })
-    return model, chunks, opt, mbs
+        mbs.append(Batch(  # host batches, as the loader gives them (the step moves them)
+            tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=mask,
+            position_ids=torch.arange(args.seq).repeat(args.mbs, 1),
+            sample_ids=torch.arange(args.mbs),
+        ))
+    return platform, model, chunks, opt, mbs
 
 
-def _steppers(args, model, chunks):
+def _steppers(args, platform, model, chunks):
     from megatron_ift.ift import IFTConfig
     from megatron_ift.training.step import IFTStep
 
-    kw = dict(seq_length=args.seq, micro_batch_size=args.mbs)
+    kw = dict(seq_length=args.seq, micro_batch_size=args.mbs, platform=platform)
     return {
         "ift": IFTStep(chunks, IFTConfig(max_lambda=0.2, gamma=0.95), model.vocab_size, **kw),
         "sft": IFTStep(chunks, IFTConfig(max_lambda=0.0, gamma=0.0), model.vocab_size, **kw),
     }
 
 
-def _one(step, chunks, opt, mbs, i, forward_only=False):
+def _one(platform, step, chunks, opt, mbs, i, forward_only=False):
     import torch
 
     for c in chunks:
         c.zero_grad_buffer()
     opt.zero_grad()
-    if torch.cuda.is_available():
+    if platform.real_cuda:
         torch.cuda.synchronize()
     t, c = time.perf_counter(), time.process_time()
     step(mbs, i, forward_only=forward_only)
     if not forward_only:
         opt.step()
-    if torch.cuda.is_available():
+    if platform.real_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - t, time.process_time() - c
 
 
 def run_timing(args) -> dict:
-    model, chunks, opt, mbs = _setup(args)
-    steppers = _steppers(args, model, chunks)
+    platform, model, chunks, opt, mbs = _setup(args)
+    steppers = _steppers(args, platform, model, chunks)
     # "forward": the SFT step forward-only (one forward and the loss, no backward, no optimizer),
     # the F of the method's floor (F + F + B) / (F + B) = 1 + F / SFT step.
     wall = {"ift": [], "sft": [], "forward": []}
@@ -106,13 +101,14 @@ def run_timing(args) -> dict:
         order = ("ift", "sft", "forward") if i % 2 == 0 else ("forward", "sft", "ift")
         for mode in order:
             step = steppers["sft" if mode == "forward" else mode]
-            dt, ct = _one(step, chunks, opt, mbs, i, forward_only=mode == "forward")
+            dt, ct = _one(platform, step, chunks, opt, mbs, i, forward_only=mode == "forward")
             if i >= args.warmup:
                 wall[mode].append(dt)
                 cpu[mode].append(ct)
     med = {k: statistics.median(v) for k, v in wall.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
-    return {"median_step_s": med, "all_step_s": wall, "ratio": med["ift"] / med["sft"],
+    device = platform.describe() if platform.cuda else f"CPU ({host.processor() or host.machine()}, {os.cpu_count()} cores)"
+    return {"device": device, "median_step_s": med, "all_step_s": wall, "ratio": med["ift"] / med["sft"],
             "median_cpu_s": cmed, "cpu_ratio": cmed["ift"] / cmed["sft"],
             "floor": 1.0 + med["forward"] / med["sft"]}
 
@@ -120,15 +116,14 @@ def run_timing(args) -> dict:
 def run_memory(args) -> dict:
     import torch
 
-    model, chunks, opt, mbs = _setup(args)
-    step = _steppers(args, model, chunks)[args.mode]
-    if torch.cuda.is_available():
+    platform, model, chunks, opt, mbs = _setup(args)
+    step = _steppers(args, platform, model, chunks)[args.mode]
+    if platform.real_cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(3):
-        _one(step, chunks, opt, mbs, i)
-    if torch.cuda.is_available():
-        return {"peak_bytes": torch.cuda.max_memory_allocated(), "kind": "cuda max_memory_allocated"}
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kind": "peak RSS"}
+        _one(platform, step, chunks, opt, mbs, i)
+    kind = "cuda max_memory_allocated" if platform.real_cuda else "peak RSS"
+    return {"peak_bytes": platform.peak_memory_gb() * 2**30, "kind": kind}
 
 
 def main(argv=None) -> int:
@@ -172,7 +167,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "ift_vs_sft",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": timing["device"],
         "torch": torch.__version__,
         "config": {k: getattr(args, k) for k in _CONFIG_KEYS},
         "step_time_ratio_ift_over_sft": timing["ratio"],

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import platform as host
 import resource
 import statistics
 import subprocess
@@ -79,28 +79,22 @@ def model_config(args):
     )
 
 
-def megatron_model(args, hf):
+def megatron_model(args, hf, platform):
     """The project's TP1 model (megatron DDP + optimizer), holding ``hf``'s weights (its own
     random initialisation when ``hf`` is None: memory runs build one stack only)."""
     import torch
 
     from megatron_ift.checkpoint.model_io import unwrap
     from megatron_ift.convert.arch import get_architecture
-    from megatron_ift.parallel import (
-        ParallelConfig,
-        init_distributed,
-        model_parallel_seed,
-        use_cpu_compat_without_cuda,
-    )
-
-    use_cpu_compat_without_cuda()
+    from megatron_ift.distributed import init_distributed, model_parallel_seed
+    from megatron_ift.parallel import ParallelConfig
     from megatron_ift.training.engine import OptimizerConfig, build_model, build_optimizer
 
     par = ParallelConfig(use_distributed_optimizer=False)
-    init_distributed(par)
-    model_parallel_seed(1)
+    init_distributed(par, platform)
+    model_parallel_seed(1, platform)
     mcfg = model_config(args)
-    chunks, tcfg = build_model(mcfg, par)
+    chunks, tcfg = build_model(mcfg, par, platform)
     opt = build_optimizer(chunks, OptimizerConfig(lr=args.lr, clip_grad=1.0, adam_beta2=0.999),
                           mcfg, par, tcfg)
     if hf is None:
@@ -126,22 +120,25 @@ def megatron_model(args, hf):
 
 # -- data -------------------------------------------------------------------------------------
 
-def microbatches(args) -> list[dict]:
-    """``args.steps_data`` micro-batches of ``mbs x seq``: the shipped chat data packed (its real
-    answer share), or random tokens with every position trained (``all-answer``, unpacked)."""
+def microbatches(args) -> list:
+    """``args.steps_data`` micro-batches (:class:`megatron_ift.data.batch.Batch`) of
+    ``mbs x seq``: the shipped chat data packed (its real answer share), or random tokens with
+    every position trained (``all-answer``, unpacked)."""
     import torch
+
+    from megatron_ift.data.batch import Batch
 
     if args.data == "all-answer":
         g = torch.Generator().manual_seed(0)
         out = []
         for _ in range(2):
             tokens = torch.randint(0, args.vocab, (args.mbs, args.seq + 1), generator=g)
-            out.append({
-                "tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-                "loss_mask": torch.ones(args.mbs, args.seq),
-                "position_ids": torch.arange(args.seq).repeat(args.mbs, 1),
-                "sample_ids": torch.arange(args.mbs),
-            })
+            out.append(Batch(
+                tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
+                loss_mask=torch.ones(args.mbs, args.seq),
+                position_ids=torch.arange(args.seq).repeat(args.mbs, 1),
+                sample_ids=torch.arange(args.mbs),
+            ))
         return out
     from megatron_ift.data.config import DataConfig
     from megatron_ift.data.loader import build_data
@@ -181,7 +178,7 @@ class HFStep:
         self.cfg = {"sft": IFTConfig(max_lambda=0.0, gamma=0.0),
                     "ift": IFTConfig(max_lambda=lam, gamma=gamma)}
 
-    def __call__(self, mb: dict, kind: str, forward_only: bool = False) -> float:
+    def __call__(self, mb, kind: str, forward_only: bool = False) -> float:
         import torch
 
         from megatron_ift.ift import Groups, estimated_sequence, ift_loss_terms
@@ -189,20 +186,20 @@ class HFStep:
         cfg = self.cfg[kind]
         model, emb = self.model, self.model.get_input_embeddings()
         self.opt.zero_grad(set_to_none=True)
-        pos = mb["position_ids"]
-        mask = _block_causal(mb["segment_ids"]) if "segment_ids" in mb else None
+        pos = mb.position_ids
+        mask = _block_causal(mb.segment_ids) if mb.segment_ids is not None else None
         if kind == "ift":
             with torch.no_grad():
                 model.eval()
-                est = model(input_ids=mb["tokens"], position_ids=pos, attention_mask=mask).logits.argmax(-1)
+                est = model(input_ids=mb.tokens, position_ids=pos, attention_mask=mask).logits.argmax(-1)
                 model.train()
-            xhat = estimated_sequence(mb["tokens"], est, mb["loss_mask"], mb.get("segment_ids"))
-            embeds = (1 - cfg.max_lambda) * emb(mb["tokens"]) + cfg.max_lambda * emb(xhat)
+            xhat = estimated_sequence(mb.tokens, est, mb.loss_mask, mb.segment_ids)
+            embeds = (1 - cfg.max_lambda) * emb(mb.tokens) + cfg.max_lambda * emb(xhat)
             logits = model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).logits
         else:
-            logits = model(input_ids=mb["tokens"], position_ids=pos, attention_mask=mask).logits
-        logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, mb["labels"][..., None])[..., 0]
-        terms = ift_loss_terms(logps, mb["loss_mask"], cfg, Groups.build(mb["loss_mask"], mb.get("segment_ids")))
+            logits = model(input_ids=mb.tokens, position_ids=pos, attention_mask=mask).logits
+        logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, mb.labels[..., None])[..., 0]
+        terms = ift_loss_terms(logps, mb.loss_mask, cfg, Groups.build(mb.loss_mask, mb.segment_ids))
         loss = terms.loss / terms.count.clamp(min=1)
         if not forward_only:
             loss.backward()
@@ -215,6 +212,9 @@ class HFStep:
 
 def build(args, stacks=("mg", "hf")):
     """A ``run(mode, i, forward_only)`` closure over the requested stacks, and the data."""
+    from megatron_ift.platform import bootstrap
+
+    platform = bootstrap()
     import torch
 
     torch.set_num_threads(args.threads)
@@ -224,8 +224,8 @@ def build(args, stacks=("mg", "hf")):
         from megatron_ift.ift import IFTConfig
         from megatron_ift.training.step import IFTStep
 
-        mcfg, chunks, opt = megatron_model(args, hf)
-        kw = dict(seq_length=args.seq, micro_batch_size=args.mbs)
+        mcfg, chunks, opt = megatron_model(args, hf, platform)
+        kw = dict(seq_length=args.seq, micro_batch_size=args.mbs, platform=platform)
         mg = {"sft": IFTStep(chunks, IFTConfig(max_lambda=0.0, gamma=0.0), mcfg.vocab_size, **kw),
               "ift": IFTStep(chunks, IFTConfig(max_lambda=args.lam, gamma=args.gamma),
                              mcfg.vocab_size, **kw)}
@@ -245,17 +245,18 @@ def build(args, stacks=("mg", "hf")):
             opt.step()
         return out.loss
 
+    run.platform = platform
     return run, mbs
 
 
 def _timed(run, mode, i):
     import torch
 
-    if torch.cuda.is_available():
+    if run.platform.real_cuda:
         torch.cuda.synchronize()
     t = time.perf_counter()
     loss = run(mode, i)
-    if torch.cuda.is_available():
+    if run.platform.real_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - t, loss
 
@@ -274,9 +275,12 @@ def run_timing(args) -> dict:
                 times[mode].append(dt)
                 losses[mode].append(loss)
     tokens = args.mbs * args.seq
-    trained = float(sum(mb["loss_mask"].sum() for mb in mbs) / len(mbs))
+    trained = float(sum(mb.loss_mask.sum() for mb in mbs) / len(mbs))
     med = {m: statistics.median(v) for m, v in times.items()}
+    platform = run.platform
+    device = platform.describe() if platform.cuda else f"CPU ({host.processor() or host.machine()}, {os.cpu_count()} cores)"
     return {
+        "device": device,
         "first_loss_forward_only": check,
         "median_step_s": med,
         "min_step_s": {m: min(v) for m, v in times.items()},
@@ -299,19 +303,18 @@ def run_memory(args) -> dict:
     import torch
 
     run, _ = build(args, stacks=(args.mode.split("_")[0],))
-    if torch.cuda.is_available():
+    if run.platform.real_cuda:
         torch.cuda.reset_peak_memory_stats()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for i in range(2):  # the first step allocates Adam's moments; the second is steady
         run(args.mode, i)
-    if torch.cuda.is_available():
+    if run.platform.real_cuda:
         return {"peak_bytes": torch.cuda.max_memory_allocated(), "kind": "cuda max_memory_allocated"}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"peak_bytes": peak, "setup_peak_bytes": base, "kind": "peak RSS"}
 
 
 def run_profile(args) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     run, _ = build(args)
@@ -387,8 +390,6 @@ def main(argv=None) -> int:
     timing = child("timing")
     result = {
         "benchmark": "vs_transformers",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "threads": args.threads,
         "config": {k: getattr(args, k) for k in _CONFIG_KEYS},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from multiprocessing.managers import SyncManager
 
 _PR_SET_PDEATHSIG = 1
 
@@ -34,8 +35,6 @@ def die_with_parent() -> None:
 
 def start_manager(ctx):
     """A started ``multiprocessing`` manager (context ``ctx``) whose process dies with us."""
-    from multiprocessing.managers import SyncManager
-
     manager = SyncManager(ctx=ctx)
     manager.start(initializer=die_with_parent)
     return manager

@@ -7,14 +7,8 @@ megatron-core code (``GPTModel``, tensor/sequence/pipeline parallelism, megatron
 distributed optimizer, ``dist_checkpointing``) runs in gloo process groups on machines without a
 GPU: our tests, CI and CPU demo runs.
 
-It is **opt-in** and refuses to activate when CUDA is available: a GPU run never goes through it.
-
-Usage::
-
-    from megatron_ift import cpu_compat
-    cpu_compat.enable()          # once per process, before building models
-    ...
-    cpu_compat.model_parallel_seed(1234)   # after parallel_state.initialize_model_parallel
+It is **opt-in**: :func:`megatron_ift.platform.bootstrap` switches it on, once per process,
+when the process computes on the CPU (a GPU run never goes through it).
 
 What it changes (each measured as needed with megatron-core 0.16.1 and torch 2.13 CPU):
 
@@ -41,7 +35,6 @@ What it changes (each measured as needed with megatron-core 0.16.1 and torch 2.1
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from typing import Any
 
@@ -98,18 +91,11 @@ def is_enabled() -> bool:
 def enable() -> None:
     """Activate the CPU redirection for the rest of this process (idempotent).
 
-    Raises:
-        RuntimeError: if CUDA is available: GPU runs must use the real CUDA paths.
+    Called by :func:`megatron_ift.platform.bootstrap` for a CPU platform (never with CUDA).
     """
     global _ENABLED, _MODE
     if _ENABLED:
         return
-    if torch.cuda.is_available() and os.environ.get("MEGATRON_IFT_FORCE_CPU") != "1":
-        raise RuntimeError(
-            "megatron_ift.cpu_compat.enable() was called on a machine with CUDA. The CPU "
-            "compatibility layer is for CPU-only runs and tests; remove the call (or set "
-            "MEGATRON_IFT_FORCE_CPU=1 to deliberately run on the CPU)."
-        )
     patch_cuda_runtime(current_device=lambda: _CPU)
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
@@ -191,14 +177,3 @@ class _NullStream:
 
     def record_event(self, *_a, **_k) -> None:
         return None
-
-
-def model_parallel_seed(seed: int) -> None:
-    """Seed torch and megatron-core's model-parallel RNG tracker (on the CPU generator).
-
-    Call after ``parallel_state.initialize_model_parallel`` (and after :func:`enable`).
-    """
-    from megatron.core import tensor_parallel
-
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)

@@ -25,30 +25,28 @@ record through every ATen op (backward included) and checks each op:
 kernels run eagerly (no ``torch.compile``), and Transformer Engine / apex stay absent, so the
 emulation proves placement and synchronisation, not kernels or speed.
 
-Enable it before megatron-core is imported, once per process (``MEGATRON_IFT_EMULATE_CUDA=1``
-does it when :mod:`megatron_ift.train` starts)::
-
-    from megatron_ift import emulated_cuda
-    emulated_cuda.enable()
+It is switched on by :func:`megatron_ift.platform.bootstrap` when ``MEGATRON_IFT_EMULATE_CUDA=1``
+(or ``report``) is set: any command-line entry point runs that way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
+import traceback
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from megatron_ift import cpu_compat
 from megatron_ift.cpu_compat import _CUDA_TYPE_NAMES, _is_cuda_device
 
-ENV = "MEGATRON_IFT_EMULATE_CUDA"
 DEVICE = torch.device("cuda", 0)
 _CPU = torch.device("cpu")
 
@@ -85,12 +83,6 @@ _TENSORLESS_COLLECTIVES = {"barrier", "monitored_barrier"}
 def active() -> bool:
     """Whether the emulated accelerator is on in this process."""
     return _STATE.active
-
-
-def requested() -> bool:
-    """Whether the environment asks for the emulation: ``MEGATRON_IFT_EMULATE_CUDA=1`` (fail at
-    the first violation) or ``report`` (print each distinct violation once and go on)."""
-    return os.environ.get(ENV) in ("1", "report")
 
 
 def on_device(t: torch.Tensor) -> bool:
@@ -162,12 +154,10 @@ def _host_sync(what: str) -> None:
 
 
 def _violation(message: str) -> None:
-    """Raise, or in report mode (``MEGATRON_IFT_EMULATE_CUDA=report``) record the violation with
+    """Raise, or in report mode (```MEGATRON_IFT_EMULATE_CUDA=report```) record the violation with
     the innermost project frame and go on, so one run lists every defect of a code path."""
     if not _STATE.report:
         raise EmulatedDeviceError(message)
-    import traceback
-
     frames = [f for f in traceback.extract_stack()[:-2] if "megatron_ift" in f.filename
               and not f.filename.endswith("emulated_cuda.py")]
     where = f"{frames[-1].filename.split('megatron_ift')[-1]}:{frames[-1].lineno} ({frames[-1].name})" if frames else "?"
@@ -364,8 +354,6 @@ def _patch_distributed() -> None:
         pg = group or dist.distributed_c10d._get_default_group()
         return _CPU if pg.group_name in _STATE.gloo_groups else DEVICE
 
-    from torch.distributed import distributed_c10d as c10d
-
     dist.init_process_group = c10d.init_process_group = init_process_group
     dist.new_group = c10d.new_group = new_group
     c10d._get_object_coll_device = object_coll_device
@@ -392,21 +380,23 @@ class _QuietRngFork(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
-def enable() -> None:
+def enable(*, report: bool = False) -> None:
     """Turn the emulated accelerator on for the rest of this process (idempotent).
 
+    Called by :func:`megatron_ift.platform.bootstrap` (``MEGATRON_IFT_EMULATE_CUDA=1``), which
+    refuses it on a machine with a real CUDA device.
+
+    Args:
+        report: record each distinct violation once and go on (```MEGATRON_IFT_EMULATE_CUDA=report```)
+            instead of raising at the first.
+
     Raises:
-        RuntimeError: on a machine with a real CUDA device (use it instead) or after
-            :func:`megatron_ift.cpu_compat.enable` (the two are exclusive).
+        RuntimeError: after :func:`megatron_ift.cpu_compat.enable` (the two are exclusive).
     """
     if _STATE.active:
         return
-    from megatron_ift import cpu_compat
-
     if cpu_compat.is_enabled():
         raise RuntimeError("emulated_cuda.enable(): cpu_compat is already enabled in this process")
-    if torch.cuda.is_available():
-        raise RuntimeError("emulated_cuda.enable() on a machine with CUDA: use the real device")
     cpu_compat.patch_cuda_runtime(current_device=lambda: 0)
     torch.cuda.is_available = lambda: True  # type: ignore[assignment]
     torch.cuda.device_count = lambda: 1  # type: ignore[assignment]
@@ -422,5 +412,5 @@ def enable() -> None:
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_QuietRngFork())
     _PlacementMode().__enter__()
     _PlacementChecker().__enter__()
-    _STATE.report = os.environ.get(ENV) == "report"
+    _STATE.report = report
     _STATE.active = True

@@ -1,14 +1,9 @@
-"""Parallel layout: validated sizes, process-group set-up and tear-down (megatron-core groups)."""
+"""The parallel layout: validated sizes (process groups are built by :mod:`megatron_ift.distributed`)."""
 
 from __future__ import annotations
 
-import datetime
-import os
 from dataclasses import dataclass
 from typing import Literal, Optional
-
-import torch
-import torch.distributed as dist
 
 from megatron_ift.config_io import check_literals
 from megatron_ift.validation import ConfigError, check_positive_int
@@ -95,88 +90,3 @@ class ParallelConfig:
                 f"{num_layers} layers cannot be split into pipeline_model_parallel_size={pp} x "
                 f"virtual_pipeline_model_parallel_size={vpp} = {pp * vpp} equal chunks"
             )
-
-
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def use_cpu_compat_without_cuda() -> None:
-    """Without CUDA, run megatron-core through :mod:`megatron_ift.cpu_compat` (call it before
-    megatron-core is imported: it imports it with eager fusions). Does nothing with CUDA.
-
-    ``MEGATRON_IFT_EMULATE_CUDA=1`` (or ``report``) switches the emulated CUDA device on instead
-    (:mod:`megatron_ift.emulated_cuda`): the GPU code path with CPU arithmetic.
-    """
-    from megatron_ift import emulated_cuda
-
-    if emulated_cuda.requested():
-        emulated_cuda.enable()
-        return
-    if not torch.cuda.is_available():
-        from megatron_ift import cpu_compat
-
-        cpu_compat.enable()
-
-
-def model_parallel_seed(seed: int) -> None:
-    """Seed megatron-core's model-parallel RNG streams: its CUDA tracker, or the CPU stand-in."""
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    else:
-        from megatron_ift import cpu_compat
-
-        cpu_compat.model_parallel_seed(seed)
-
-
-def init_distributed(cfg: ParallelConfig) -> None:
-    """Initialise torch.distributed (from torchrun's environment) and megatron-core's groups.
-
-    A single process without torchrun's variables becomes a world of one.
-    """
-    from megatron.core import parallel_state
-
-    backend = default_backend() if cfg.backend == "auto" else cfg.backend
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
-        )
-    cfg.data_parallel_size(dist.get_world_size())
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-        context_parallel_size=cfg.context_parallel_size,
-        distributed_timeout_minutes=cfg.timeout_minutes,
-        # As Megatron-LM by default: gloo twins of the data-parallel groups, for CPU objects
-        # (e.g. distributed-optimizer state) next to NCCL on a GPU.
-        create_gloo_process_groups=True,
-    )
-
-
-def destroy_distributed() -> None:
-    """Tear down megatron-core's groups and the default process group."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

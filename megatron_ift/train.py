@@ -1,4 +1,8 @@
-"""``megatron-ift train --config FILE.yaml [section.key=value ...]`` (also ``python -m``)."""
+"""``megatron-ift train --config FILE.yaml [section.key=value ...]`` (also ``python -m``).
+
+parse -> load the config (no megatron-core yet: a bad key is refused at once) -> bootstrap the
+platform -> ``Trainer.setup() / train() / close()``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_ift.errors import TrainingDiverged, run_cli
+from megatron_ift.platform import bootstrap
+from megatron_ift.training.config import load_run_config
 
 
 def _train(argv: list[str]) -> int:
@@ -17,21 +23,22 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
 
-    from megatron_ift.parallel import destroy_distributed
-    from megatron_ift.training.config import load_run_config
-    from megatron_ift.training.loop import Trainer
-
     cfg = load_run_config(args.config, args.overrides)
-    trainer = Trainer(cfg, config_path=args.config)
+    platform = bootstrap()
+    # After the bootstrap: the trainer imports megatron-core, which the CPU layer imports itself
+    # (with its fusion kernels uncompiled) when the run computes on the CPU.
+    from megatron_ift.training.trainer import Trainer
+
+    trainer = Trainer(cfg, platform, config_path=args.config)
     try:
-        return trainer.run()
+        trainer.setup()
+        return trainer.train()
     except FloatingPointError as exc:  # the non-finite policy stopped the run
         if isinstance(exc, TrainingDiverged):
             raise
         raise TrainingDiverged(str(exc)) from exc
     finally:
-        trainer.release()
-        destroy_distributed()
+        trainer.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

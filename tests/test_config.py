@@ -98,9 +98,12 @@ def test_bad_run_config(override, needle):
 
 
 def test_transformer_engine_refused_without_gpu():
+    from megatron_ift.platform import Platform
+    from megatron_ift.training.preflight import check_platform
+
     cfg = load_run_config("configs/demo.yaml", ["model.transformer_impl=transformer_engine"])
     with pytest.raises(ConfigError, match="needs a CUDA GPU and the transformer-engine"):
-        cfg.check_hardware()
+        check_platform(cfg, Platform())
 
 
 def test_override_syntax():

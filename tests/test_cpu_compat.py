@@ -1,4 +1,5 @@
-"""The CPU compatibility layer in a fresh process: what it changes in megatron-core's start-up."""
+"""The CPU compatibility layer (switched on by the platform bootstrap on a machine without CUDA)
+in a fresh process: what it changes in megatron-core's start-up."""
 
 import os
 import subprocess
@@ -9,7 +10,8 @@ from dist_utils import ROOT
 SCRIPT = r"""
 import sys
 from megatron_ift import cpu_compat
-cpu_compat.enable()
+from megatron_ift.platform import bootstrap
+assert bootstrap().kind == "cpu" and cpu_compat.is_enabled()
 from megatron.core import jit
 from megatron.core.models.gpt import GPTModel
 from megatron.core.fusions import fused_bias_swiglu

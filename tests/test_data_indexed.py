@@ -114,12 +114,12 @@ def test_blend_follows_weights_and_contract(corpora, tokenizer):
     from_a = 0
     for _ in range(100):
         batch = next(it)
-        assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "sample_ids"}
-        assert batch["tokens"].shape == (8, 16)
-        assert (batch["labels"][:, :-1] == batch["tokens"][:, 1:]).all()
-        assert (batch["loss_mask"] == 1).all()  # raw text: loss on every token
-        assert (batch["position_ids"] == np.arange(16)).all()
-        for row in batch["tokens"].tolist():
+        assert batch.segment_ids is None  # unpacked
+        assert batch.tokens.shape == (8, 16)
+        assert (batch.labels[:, :-1] == batch.tokens[:, 1:]).all()
+        assert (batch.loss_mask == 1).all()  # raw text: loss on every token
+        assert (batch.position_ids == np.arange(16)).all()
+        for row in batch.tokens.tolist():
             from_a += bool(set(row) & letters)
     frac = from_a / 800
     assert abs(frac - 0.25) < 0.05, frac
@@ -139,9 +139,7 @@ def test_packed_pretrain_rows_split_at_end_of_document(corpora, tokenizer):
     assert data.eval is not None and len(data.eval) > 0
     eod = tokenizer.eos_token_id
     batch = next(data.train_iterator(dp_rank=0, dp_size=1, micro_batch_size=4, num_microbatches=1))
-    tokens, seg, pos, lm = (
-        batch[k] for k in ("tokens", "segment_ids", "position_ids", "loss_mask")
-    )
+    tokens, seg, pos, lm = batch.tokens, batch.segment_ids, batch.position_ids, batch.loss_mask
     assert (tokens == eod).sum() > 4
     for i in range(4):
         ends = (tokens[i, :-1] == eod).nonzero().flatten().tolist()

@@ -9,7 +9,6 @@ from megatron_ift.data import (
     collate,
     cu_seqlens,
     packed_attention_mask,
-    packed_seq_params,
 )
 from megatron_ift.data.collate import assemble_row, empty_row
 from megatron_ift.data.packing import causal_attention_mask, pack_best_fit, packing_efficiency
@@ -63,15 +62,15 @@ def test_unpacked_row_and_collate_contract():
     (ids, mask), _, _ = segments()
     rows = [assemble_row([(ids, mask)], 6, 1, 3, packed=False), empty_row(6, 1, packed=False)]
     batch = collate(rows)
-    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "sample_ids"}
-    for key in ("tokens", "labels", "position_ids"):
-        assert batch[key].dtype == torch.int64 and batch[key].shape == (2, 6)
-    assert batch["loss_mask"].dtype == torch.float32
-    assert batch["sample_ids"].tolist() == [3, -1] and batch["sample_ids"].dtype == torch.int64
-    assert batch["position_ids"][0].tolist() == list(range(6))
-    assert batch["loss_mask"].tolist() == [[0, 1, 1, 0, 0, 0], [0] * 6]
+    assert batch.segment_ids is None and batch.shape == (2, 6)
+    for t in (batch.tokens, batch.labels, batch.position_ids):
+        assert t.dtype == torch.int64 and t.shape == (2, 6)
+    assert batch.loss_mask.dtype == torch.float32
+    assert batch.sample_ids.tolist() == [3, -1] and batch.sample_ids.dtype == torch.int64
+    assert batch.position_ids[0].tolist() == list(range(6))
+    assert batch.loss_mask.tolist() == [[0, 1, 1, 0, 0, 0], [0] * 6]
     packed = collate([assemble_row(segments(), 12, 1, 0, packed=True)])
-    assert packed["segment_ids"].dtype == torch.int64
+    assert packed.segment_ids.dtype == torch.int64
 
 
 def brute_force_mask(seg):
@@ -95,18 +94,25 @@ def test_attention_masks():
     assert torch.equal(causal, packed_attention_mask(torch.zeros(2, 8, dtype=torch.long)))
     # One sample plus padding: the real tokens see exactly what the causal mask allows.
     assert torch.equal(mask[1, 0, :6, :6], causal[1, 0, :6, :6])
-    assert torch.equal(attention_mask({"tokens": seg, "segment_ids": seg}), mask)
-    assert attention_mask({"tokens": seg}) is None  # unpacked: megatron-core's causal default
+    assert torch.equal(attention_mask(seg), mask)
+    assert attention_mask(None) is None  # unpacked: megatron-core's causal default
 
 
 def test_cu_seqlens_and_packed_seq_params():
+    from megatron_ift.data.batch import Batch
+    from megatron_ift.training.microbatch import MicroBatch
+
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]])
     cu = cu_seqlens(seg)
     assert cu.dtype == torch.int32
     assert cu.tolist() == [0, 3, 5, 8, 14, 16]  # rows flattened; padding is its own sequence
-    params = packed_seq_params(seg)
+    ones = torch.ones_like(seg)
+    batch = Batch(tokens=seg, labels=seg, loss_mask=ones.float(), position_ids=seg,
+                  sample_ids=torch.arange(2), segment_ids=seg)
+    params = MicroBatch.prepare(batch, 0, torch.device("cpu"), thd=True).packed_seq_params
     assert params.qkv_format == "thd"
     assert torch.equal(params.cu_seqlens_q, cu) and torch.equal(params.cu_seqlens_kv, cu)
     assert params.max_seqlen_q == params.max_seqlen_kv == 6
+    assert MicroBatch.prepare(batch, 0, torch.device("cpu"), thd=False).packed_seq_params is None
     row = collate([assemble_row(segments(), 12, 1, 0, packed=True)])
-    assert cu_seqlens(row["segment_ids"]).tolist() == [0, 4, 7, 9, 12]
+    assert cu_seqlens(row.segment_ids).tolist() == [0, 4, 7, 9, 12]

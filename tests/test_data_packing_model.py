@@ -55,11 +55,11 @@ def results(tmp_path_factory):
     order = [i for r in rows for i in ids(r)]
     row_of = {int(single.sample_ids[k]): k for k in range(len(single))}
     batch = collate([packed.row(r) for r in rows])
-    assert batch["segment_ids"].max() >= 2  # rows really hold several samples (and padding)
+    assert batch.segment_ids.max() >= 2  # rows really hold several samples (and padding)
     multi_turn = sum(turns(i) > 1 for i in order)
-    inputs = {
-        "packed": batch,
-        "unpacked": [collate([single.row(row_of[i])]) for i in order],
+    inputs = {  # plain tensors for torch.load(weights_only=True)
+        "packed": vars(batch),
+        "unpacked": [vars(collate([single.row(row_of[i])])) for i in order],
         "vocab": tokenizer_size(packed_data.tokenizer),
     }
     torch.save(inputs, tmp / "in.pt")

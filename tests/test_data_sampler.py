@@ -1,5 +1,6 @@
 """Sample order: deterministic in (seed, epoch), sliced per data-parallel rank, resumable."""
 
+import dataclasses
 import json
 import os
 
@@ -98,7 +99,9 @@ def test_bad_states_and_layouts_are_rejected():
 
 
 def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fields = [f.name for f in dataclasses.fields(a)]
+    return all((getattr(a, k) is None and getattr(b, k) is None) or torch.equal(getattr(a, k), getattr(b, k))
+               for k in fields)
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +154,8 @@ def test_iterator_resume_matches_uninterrupted_run(which, request):
     resumed.load_state_dict(run.state_dict())
     for want in expected[6:]:
         assert same(next(resumed), want)
-    assert expected[0]["tokens"].shape == (2, data.config.seq_length)
-    assert ("segment_ids" in expected[0]) == data.config.packing
+    assert expected[0].tokens.shape == (2, data.config.seq_length)
+    assert (expected[0].segment_ids is not None) == data.config.packing
 
 
 def test_sft_epochs_reshuffle_and_cover_all_rows(sft_data):
@@ -160,7 +163,7 @@ def test_sft_epochs_reshuffle_and_cover_all_rows(sft_data):
         dp_rank=0, dp_size=1, micro_batch_size=1, num_microbatches=1, num_epochs=2
     )
     per_epoch = it.steps_per_epoch
-    ids = [int(next(it)["sample_ids"][0]) for _ in range(2 * per_epoch)]
+    ids = [int(next(it).sample_ids[0]) for _ in range(2 * per_epoch)]
     with pytest.raises(StopIteration):
         next(it)
     rows = {int(sft_data.train.row(r)["sample_ids"]) for r in range(len(sft_data.train))}
@@ -173,10 +176,10 @@ def test_eval_iterator_sees_every_row_once(sft_data):
     seen, pads = [], 0
     for r in range(3):
         for batch in sft_data.eval_iterator(dp_rank=r, dp_size=3, micro_batch_size=2):
-            for i, sid in enumerate(batch["sample_ids"].tolist()):
+            for i, sid in enumerate(batch.sample_ids.tolist()):
                 if sid < 0:
                     pads += 1
-                    assert batch["loss_mask"][i].sum() == 0
+                    assert batch.loss_mask[i].sum() == 0
                 else:
                     seen.append(sid)
     assert sorted(seen) == sorted(int(sft_data.eval.row(r)["sample_ids"]) for r in range(n))

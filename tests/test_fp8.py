@@ -1,10 +1,10 @@
 """FP8Config validation, its megatron-core mapping, and the support check's error messages.
 
-No GPU here: the GPU/TE branches of check_fp8_supported are driven by monkeypatching what it
-queries (TE's presence, CUDA, the compute capability, TE's version and verdict).
+No GPU here: the GPU/TE branches of check_fp8_supported are driven by the platform it is given
+(TE present, a CUDA device) and by monkeypatching what it queries (the compute capability, TE's
+version and verdict).
 """
 
-import importlib.machinery
 import sys
 import types
 import warnings
@@ -12,14 +12,19 @@ import warnings
 import pytest
 import torch
 
-from megatron_ift.models import fp8 as fp8_mod
 from megatron_ift.models.fp8 import (
     FP8Config,
     FP8UnsupportedError,
     check_fp8_supported,
     fp8_transformer_config_kwargs,
 )
+from megatron_ift.platform import Kernels, Platform
 from megatron_ift.validation import ConfigError
+
+CPU = Platform()
+NO_TE_GPU = Platform(kind="cuda", device=torch.device("cuda", 0))
+TE_CPU = Platform(kernels=Kernels(transformer_engine=True))  # TE installed, no GPU visible
+TE_GPU = Platform(kind="cuda", device=torch.device("cuda", 0), kernels=Kernels(transformer_engine=True))
 
 
 def _transformer_config(**kwargs):
@@ -32,7 +37,7 @@ def _transformer_config(**kwargs):
 def test_disabled_maps_to_no_fp8_and_needs_nothing():
     cfg = FP8Config()
     assert fp8_transformer_config_kwargs(cfg) == {"fp8": None}
-    check_fp8_supported(cfg)  # no TE, no GPU on this machine: must not raise when disabled
+    check_fp8_supported(cfg, CPU)  # no TE, no GPU: must not raise when disabled
     assert _transformer_config(**fp8_transformer_config_kwargs(cfg)).fp8 is None
 
 
@@ -93,16 +98,10 @@ def fake_te(monkeypatch):
     for name, module in (("transformer_engine", te), ("transformer_engine.pytorch", te_pt),
                          ("transformer_engine.pytorch.fp8", te_fp8)):
         monkeypatch.setitem(sys.modules, name, module)
-    spec = importlib.machinery.ModuleSpec("transformer_engine", None)
-    real_find_spec = fp8_mod.importlib.util.find_spec
-    monkeypatch.setattr(fp8_mod.importlib.util, "find_spec",
-                        lambda name, *a: spec if name == "transformer_engine"
-                        else real_find_spec(name, *a))
     return te, te_fp8
 
 
 def _fake_gpu(monkeypatch, capability, name="NVIDIA Test GPU"):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
 
@@ -110,23 +109,20 @@ def _fake_gpu(monkeypatch, capability, name="NVIDIA Test GPU"):
 ON = FP8Config(enabled=True)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
-                    reason="Transformer Engine is installed here; this checks its absence")
 def test_without_transformer_engine_names_the_install():
     with pytest.raises(FP8UnsupportedError, match=r"pip install 'megatron-ift\[gpu\]'"):
-        check_fp8_supported(ON)
+        check_fp8_supported(ON, NO_TE_GPU)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message; a GPU is here")
 def test_without_gpu_names_the_hardware(fake_te):
     with pytest.raises(FP8UnsupportedError, match="needs a CUDA GPU.*8.9.*fp8.enabled=false"):
-        check_fp8_supported(ON)
+        check_fp8_supported(ON, TE_CPU)
 
 
 def test_old_gpu_reports_its_capability(fake_te, monkeypatch):
     _fake_gpu(monkeypatch, (8, 0), "NVIDIA A100-SXM4-80GB")
     with pytest.raises(FP8UnsupportedError, match=r"A100-SXM4-80GB has compute capability 8\.0"):
-        check_fp8_supported(ON)
+        check_fp8_supported(ON, TE_GPU)
 
 
 def test_tensorwise_needs_a_recent_transformer_engine(fake_te, monkeypatch):
@@ -134,14 +130,14 @@ def test_tensorwise_needs_a_recent_transformer_engine(fake_te, monkeypatch):
     te.__version__ = "1.13.0"
     _fake_gpu(monkeypatch, (9, 0))
     with pytest.raises(FP8UnsupportedError, match=r">= 2\.2, found 1\.13\.0.*recipe=delayed"):
-        check_fp8_supported(ON)
-    check_fp8_supported(FP8Config(enabled=True, recipe="delayed"))  # delayed works on TE 1.x
+        check_fp8_supported(ON, TE_GPU)
+    check_fp8_supported(FP8Config(enabled=True, recipe="delayed"), TE_GPU)  # delayed works on TE 1.x
 
 
 def test_transformer_engine_verdict_is_reported(fake_te, monkeypatch):
     _, te_fp8 = fake_te
     _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
-    check_fp8_supported(ON)  # Hopper + TE 2.5 + a positive verdict: supported
+    check_fp8_supported(ON, TE_GPU)  # Hopper + TE 2.5 + a positive verdict: supported
     te_fp8.check_fp8_support = lambda: (False, "CUDA driver too old")
     with pytest.raises(FP8UnsupportedError, match="CUDA driver too old"):
-        check_fp8_supported(ON)
+        check_fp8_supported(ON, TE_GPU)

@@ -1,8 +1,10 @@
 """The GPU path's pieces on CPU: the emulated CUDA device's own checks, the host-sync budget of a
-step, fusion selection, the THD / dense-mask choice for packed rows, and hardware refusals."""
+step, the THD / dense-mask choice for packed rows, and hardware refusals (fusion selection:
+tests/test_platform.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -13,7 +15,6 @@ import forkserver
 from dist_utils import ROOT, WORKERS, free_port
 
 from megatron_ift.data.packing import cu_seqlens
-from megatron_ift.models.fusions import fusion_settings
 from megatron_ift.validation import ConfigError
 
 
@@ -71,22 +72,6 @@ def test_step_host_syncs_do_not_grow_with_microbatches():
         assert counts["eval"] == 1, estimator
 
 
-def test_fusions_follow_the_device():
-    none = lambda name: False  # noqa: E731
-    cpu = fusion_settings("cpu", "local", none)
-    assert not any(cpu.values())
-    gpu = fusion_settings("cuda", "local", none)
-    assert gpu["bias_activation_fusion"] and gpu["bias_dropout_fusion"]
-    assert not gpu["masked_softmax_fusion"] and not gpu["apply_rope_fusion"]
-    assert not gpu["gradient_accumulation_fusion"]
-    apex = fusion_settings("cuda", "local", lambda name: True)
-    assert apex["masked_softmax_fusion"] and apex["gradient_accumulation_fusion"]
-    assert not apex["apply_rope_fusion"]  # needs TE
-    te = fusion_settings("cuda", "transformer_engine", none)
-    assert te["apply_rope_fusion"] and te["gradient_accumulation_fusion"]
-    assert not te["cross_entropy_loss_fusion"] and not te["persist_layer_norm"]
-
-
 def _packed_row():
     from megatron_ift.data.collate import assemble_row, collate
 
@@ -103,43 +88,34 @@ def test_cu_seqlens_cover_every_segment_and_padding():
 
 
 def test_thd_for_packed_rows_on_te_dense_mask_on_local():
-    from megatron_ift.training.microbatch import prepare_microbatches
-    from megatron_ift.training.step import IFTStep
+    from megatron_ift.training.microbatch import MicroBatch
 
-    mb = _packed_row()
-    thd = prepare_microbatches([mb], torch.device("cpu"), thd=True)[0]
-    local = prepare_microbatches([mb], torch.device("cpu"), thd=False)[0]
-    psp = thd["packed_seq_params"]
+    batch = _packed_row()
+    thd = MicroBatch.prepare(batch, 0, torch.device("cpu"), thd=True)
+    local = MicroBatch.prepare(batch, 0, torch.device("cpu"), thd=False)
+    psp = thd.packed_seq_params
     assert psp.qkv_format == "thd"
     assert psp.cu_seqlens_q.tolist() == [0, 4, 7, 10] and psp.max_seqlen_q == 4
-    assert local["packed_seq_params"] is None
-    unpacked = {k: v for k, v in mb.items() if k != "segment_ids"}
-    assert prepare_microbatches([unpacked], torch.device("cpu"), thd=True)[0]["packed_seq_params"] is None
-
-    calls = []
-    model = lambda *args, **kwargs: calls.append((args, kwargs))  # noqa: E731
-    IFTStep._run(None, model, thd)
-    IFTStep._run(None, model, local)
-    IFTStep._run(None, model, prepare_microbatches([unpacked], torch.device("cpu"), thd=False)[0])
-    (_, _, mask_thd), kw_thd = calls[0]
-    assert mask_thd is None and kw_thd["packed_seq_params"] is psp
-    (_, _, mask_local), kw_local = calls[1]
-    assert mask_local.shape == (1, 1, 10, 10) and "packed_seq_params" not in kw_local
-    (_, _, mask_unpacked), _ = calls[2]
-    assert mask_unpacked is None  # megatron-core's causal mask type, no mask tensor
+    assert thd.attention_mask() is None  # THD rows: TE's kernels keep the segments apart
+    assert local.packed_seq_params is None and local.attention_mask().shape == (1, 1, 10, 10)
+    unpacked = dataclasses.replace(batch, segment_ids=None)
+    for flag in (True, False):  # unpacked rows: megatron-core's causal mask type, no mask tensor
+        ready = MicroBatch.prepare(unpacked, 0, torch.device("cpu"), thd=flag)
+        assert ready.packed_seq_params is None and ready.attention_mask() is None
 
 
 def test_prepared_metadata_is_computed_on_the_host():
     from megatron_ift.ift import Groups
-    from megatron_ift.training.microbatch import prepare_microbatches
+    from megatron_ift.training.microbatch import MicroBatch
 
-    mb = _packed_row()
-    ready = prepare_microbatches([mb], torch.device("cpu"), thd=False)[0]
-    want = Groups.build(mb["loss_mask"], mb["segment_ids"])
-    assert ready["groups"].num == want.num == 3
-    assert torch.equal(ready["groups"].index, want.index)
-    assert ready["selection"].rows.numel() == int(mb["loss_mask"].sum())
-    assert ready["index"] == 0
+    batch = _packed_row()
+    ready = MicroBatch.prepare(batch, 0, torch.device("cpu"), thd=False)
+    want = Groups.build(batch.loss_mask, batch.segment_ids)
+    assert ready.groups.num == want.num == 3
+    assert torch.equal(ready.groups.index, want.index)
+    assert ready.selection.rows.numel() == int(batch.loss_mask.sum())
+    assert torch.equal(ready.output_positions, ready.selection.seq_first_index())
+    assert ready.index == 0
 
 
 def _run_config(**sections):
@@ -150,17 +126,21 @@ def _run_config(**sections):
 
 
 def test_nccl_without_a_gpu_is_refused_before_building():
+    from megatron_ift.platform import Platform
+    from megatron_ift.training.preflight import check_platform
+
     cfg = _run_config(**{"parallel.backend": "nccl"})
     with pytest.raises(ConfigError, match="parallel.backend=nccl"):
-        cfg.check_hardware()
+        check_platform(cfg, Platform())
 
 
-def test_packed_thd_needs_micro_batch_one(monkeypatch):
-    from megatron_ift.models import gpt
+def test_packed_thd_needs_micro_batch_one():
+    from megatron_ift.platform import Kernels, Platform
+    from megatron_ift.training.preflight import check_platform
 
-    monkeypatch.setattr(gpt, "te_available", lambda: True)
+    te = Platform(kind="cuda", device=torch.device("cuda", 0), kernels=Kernels(transformer_engine=True))
     cfg = _run_config(**{"model.transformer_impl": "transformer_engine", "model.attention_backend": "auto"})
     with pytest.raises(ConfigError, match="train.micro_batch_size=1"):
-        cfg.check_hardware()
-    _run_config(**{"model.transformer_impl": "transformer_engine", "train.micro_batch_size": 1,
-                   "model.attention_backend": "auto"}).check_hardware()
+        check_platform(cfg, te)
+    check_platform(_run_config(**{"model.transformer_impl": "transformer_engine", "train.micro_batch_size": 1,
+                                  "model.attention_backend": "auto"}), te)

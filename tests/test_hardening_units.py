@@ -331,7 +331,9 @@ if __name__ == "__main__":
     import megatron_ift  # noqa: F401  (before megatron-core: its expected warnings filtered)
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_ift.training import checkpointing  # noqa: F401  (installs the hooks)
+    from megatron_ift import mcore_compat
+
+    mcore_compat.make_checkpoint_children_die_with_parent()  # what the GPU platform's bootstrap does
 
     queue = filesystem_async._get_write_results_queue()  # megatron-core's spawned manager (GPU path)
     print(queue._manager._process.pid, flush=True)
@@ -371,17 +373,20 @@ def test_a_second_ctrl_c_aborts_even_if_python_drops_its_exception():
     prints and drops it; the run then saved and exited 0. The abort is recorded as well."""
     import signal
 
-    from megatron_ift.training.loop import PREEMPT_SIGNALS, _Preemption
+    from megatron_ift.platform import Platform
+    from megatron_ift.training.preemption import SIGNALS, Preemption
 
-    saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
+    saved = {s: signal.getsignal(s) for s in SIGNALS}
     try:
-        p = _Preemption()
+        p = Preemption(Platform())
+        p.install()
+        handler = signal.getsignal(signal.SIGINT)  # what the operating system's signal calls
         p.check_abort()  # nothing yet
-        p._handle(signal.SIGINT, None)
+        handler(signal.SIGINT, None)
         p.check_abort()  # one Ctrl-C: save at the step boundary, not abort
         assert p.signum == signal.SIGINT and not p.aborted
         with pytest.raises(KeyboardInterrupt):
-            p._handle(signal.SIGINT, None)  # the raise that may be dropped
+            handler(signal.SIGINT, None)  # the raise that may be dropped
         with pytest.raises(KeyboardInterrupt):
             p.check_abort()  # what save() calls first
     finally:

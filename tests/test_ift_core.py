@@ -6,7 +6,14 @@ import pytest
 import torch
 
 import reference  # tests/reference.py, the spec oracle
-from megatron_ift.ift import Groups, IFTConfig, estimate, estimated_sequence, ift_loss_terms, label_logprobs
+from megatron_ift.ift import (
+    Groups,
+    IFTConfig,
+    estimate,
+    estimated_sequence,
+    ift_loss_terms,
+    linear_label_logprobs,
+)
 
 
 def _batch(b=3, s=12, v=11, dtype=torch.float64, seed=0, packed=False):
@@ -39,7 +46,11 @@ def _batch(b=3, s=12, v=11, dtype=torch.float64, seed=0, packed=False):
 
 
 def _production(logits, labels, loss_mask, cfg, segment_ids):
-    logps = label_logprobs(logits, labels)
+    # The package's log-prob path is the output layer fused with the log-softmax: with the
+    # identity as "output weight", its inputs are the logits themselves (gradients included).
+    v = logits.shape[-1]
+    eye = torch.eye(v, dtype=logits.dtype)
+    logps = linear_label_logprobs(logits.reshape(-1, v), eye, labels.reshape(-1)).reshape(labels.shape)
     groups = Groups.build(loss_mask, segment_ids)
     terms = ift_loss_terms(logps, loss_mask, cfg, groups)
     return terms.loss / terms.count.clamp(min=1), terms
@@ -230,55 +241,29 @@ def test_vocabulary_mismatch_is_refused():
     check_labels(labels, torch.tensor([[1, 1, 0]]), vocab_size=64)  # untrained position: fine
     with pytest.raises(ValueError, match="exceeds the logits' vocabulary"):
         estimate(torch.zeros(1, 3, 32), IFTConfig(), vocab_size=40)
-    with pytest.raises(ValueError, match="labels shape"):
-        label_logprobs(torch.zeros(1, 3, 8), torch.zeros(1, 4, dtype=torch.long))
 
 
-class _EmbedThenDropout(torch.nn.Module):
-    """The shape of megatron-core's embedding stage: a table lookup, then dropout."""
-
-    def __init__(self, vocab: int, hidden: int, p: float) -> None:
-        super().__init__()
-        self.word_embeddings = torch.nn.Embedding(vocab, hidden)
-        self.dropout = torch.nn.Dropout(p)
-
-    def forward(self, ids):
-        return self.dropout(self.word_embeddings(ids))
-
-
-def test_mixed_word_embeddings_live_detached_and_one_dropout_mask():
-    from megatron_ift.ift import mixed_word_embeddings
+def test_mix_embeddings_live_and_detached():
+    from megatron_ift.ift import mix_embeddings
 
     torch.manual_seed(0)
-    stage = _EmbedThenDropout(20, 8, p=0.5)
+    table = torch.nn.Embedding(20, 8)
     x = torch.randint(0, 20, (3, 7))
     xhat = torch.randint(0, 20, (3, 7))
-    table = stage.word_embeddings.weight
-    expected = 0.7 * table[x] + 0.3 * table[xhat]
+    expected = 0.7 * table.weight[x] + 0.3 * table.weight[xhat]
 
-    stage.eval()
-    with mixed_word_embeddings(stage.word_embeddings, xhat, 0.3, "live"):
-        out = stage(x)
+    out = mix_embeddings(table(x), table(xhat), 0.3, "live")
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     out.sum().backward()
     counts = torch.bincount(torch.cat([x.reshape(-1), xhat.reshape(-1)]), minlength=20)
-    assert torch.equal(table.grad.abs().sum(1) > 0, counts > 0)  # both terms reach the table
-    assert not stage.word_embeddings._forward_hooks  # removed after the block
+    assert torch.equal(table.weight.grad.abs().sum(1) > 0, counts > 0)  # both terms reach the table
 
-    table.grad = None
-    with mixed_word_embeddings(stage.word_embeddings, xhat, 0.3, "detached"):
-        out = stage(x)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-    assert not out.requires_grad
-
-    # Dropout runs once, on the mixed input: every entry is 0 or mixed / (1 - p).
-    stage.train()
-    with mixed_word_embeddings(stage.word_embeddings, xhat, 0.3, "live"):
-        out = stage(x)
-    kept = out != 0
-    assert 0.3 < kept.float().mean() < 0.7
-    torch.testing.assert_close(out[kept], (expected / 0.5)[kept], rtol=0, atol=1e-6)
-
-    with pytest.raises(RuntimeError, match="not xhat's"):
-        with mixed_word_embeddings(stage.word_embeddings, xhat[:, :3], 0.3, "live"):
-            stage(x)
+    detached = mix_embeddings(table(x), table(xhat), 0.3, "detached")
+    torch.testing.assert_close(detached, expected, rtol=0, atol=1e-6)
+    assert not detached.requires_grad
+    plain = table(x)
+    assert mix_embeddings(plain, None, 0.0, "live") is plain  # lambda 0: the lookup itself (SFT)
+    with pytest.raises(ValueError, match="estimated tokens"):
+        mix_embeddings(plain, None, 0.3, "live")
+    with pytest.raises(ValueError, match="not 'live' or 'detached'"):
+        mix_embeddings(plain, plain, 0.3, "frozen")

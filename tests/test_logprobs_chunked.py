@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dist_utils import torchrun
-from megatron_ift.ift.logprobs import label_logprobs, linear_label_logprobs
+from megatron_ift.ift.logprobs import linear_label_logprobs
+from workers.vocab_parallel import label_logprobs
 
 TOL = {"torch.float64": 1e-12, "torch.float32": 1e-5}
 

@@ -11,9 +11,10 @@ from megatron_ift.models.config import ModelConfig
 from megatron_ift.planning import Cluster, Layout, Workload
 from megatron_ift.planning.planner import step_cost
 from megatron_ift.training import metrics
+from megatron_ift.platform import Platform
 from megatron_ift.training.config import load_run_config
-from megatron_ift.training.loop import Trainer
-from megatron_ift.training.step import StepOutput
+from megatron_ift.training.logger import MetricsLogger
+from megatron_ift.training.step_metrics import StepSums
 
 
 def test_forward_flops_by_hand():
@@ -29,10 +30,6 @@ def test_forward_flops_by_hand():
     assert metrics.forward_flops_per_token(tied, 5) == 2 * gemm + attention
 
 
-class _Optimizer:
-    param_groups = [{"lr": 1e-4}]
-
-
 @pytest.mark.parametrize("lam,recompute", [(0.2, "none"), (0.0, "none"), (0.2, "full")])
 def test_logged_mfu_equals_the_planners_assumption(tmp_path, lam, recompute):
     cfg = load_run_config("configs/demo.yaml", [
@@ -46,13 +43,15 @@ def test_logged_mfu_equals_the_planners_assumption(tmp_path, lam, recompute):
                         implementation="local")
     planned = step_cost(cfg.model, cluster, workload, Layout(tp=2, pp=1, dp=1), recompute, 0).compute
 
-    # The trainer's own logging path (no process group: a world of one), for a step that took
-    # the planned compute time on one of the cluster's two GPUs' worth of work.
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.optimizer, trainer.writer = cfg, _Optimizer(), None
-    out = StepOutput(loss=1.0, metrics={"lambda": lam, "loss_sft": 1.0, "estimate_accuracy": 0.5})
-    trainer._log(1, out, 0.5, planned * cluster.world_size, None)
+    # The trainer's own logging path, for a step that took the planned compute time on one of
+    # the cluster's two GPUs' worth of work (the log names the GPU's MFU on a CUDA platform).
+    gpu = Platform(kind="emulated_cuda")
+    logger = MetricsLogger(cfg, gpu, start_step=0, rank0=True, world_size=1)
+    metrics_ = StepSums().reduce((), gpu.device, lam=lam)
+    logger.log_step(1, metrics_, grad_norm=0.5, step_time=planned * cluster.world_size, lr=1e-4)
+    logger.close()
     logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert logged["tflops_per_gpu"] / cfg.logging.peak_tflops == pytest.approx(mfu, rel=1e-12)
+    assert logged["mfu"] == pytest.approx(mfu, rel=1e-12)
     assert logged["tokens_per_second"] == pytest.approx(
         cfg.train.global_batch_size * cfg.data.seq_length / (planned * cluster.world_size))

@@ -59,16 +59,21 @@ def _env(emulate: bool, **extra: str) -> dict[str, str]:
 
 
 def environment() -> dict[str, Any]:
+    import dataclasses
     import importlib.util
 
     import torch
 
-    out: dict[str, Any] = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        out.update(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                   memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
-    for name in ("megatron.core", "transformer_engine", "apex"):
-        out[f"{name}_importable"] = importlib.util.find_spec(name.split(".")[0]) is not None
+    from megatron_ift.platform import bootstrap
+
+    platform = bootstrap()
+    out: dict[str, Any] = {"torch": torch.__version__, "platform": platform.kind,
+                           "kernels": dataclasses.asdict(platform.kernels)}
+    if platform.real_cuda:
+        out.update(device=torch.cuda.get_device_name(platform.device),
+                   capability=list(torch.cuda.get_device_capability(platform.device)),
+                   memory_gib=round(torch.cuda.get_device_properties(platform.device).total_memory / 2**30, 1))
+    out["megatron.core_importable"] = importlib.util.find_spec("megatron") is not None
     return out
 
 

@@ -21,12 +21,13 @@ def main() -> None:
     if not os.path.isdir(mcore):
         subprocess.run([*cli, "import-hf", hf, mcore], check=True, cwd=ROOT)
 
-    from megatron_ift.parallel import init_distributed, model_parallel_seed, use_cpu_compat_without_cuda
+    from megatron_ift.platform import bootstrap
 
-    use_cpu_compat_without_cuda()
+    platform = bootstrap()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_ift.distributed import init_distributed, model_parallel_seed
     from megatron_ift.inference.loading import load_for_inference
     from megatron_ift.parallel import ParallelConfig
 
@@ -36,9 +37,9 @@ def main() -> None:
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)(ids).logits[0]  # [s, v]
-    init_distributed(ParallelConfig())
-    model_parallel_seed(1234)
-    model, cfg, _ = load_for_inference(mcore)
+    init_distributed(ParallelConfig(), platform)
+    model_parallel_seed(1234, platform)
+    model, cfg, _ = load_for_inference(mcore, None, platform)
     device = next(model.parameters()).device
     pos = torch.arange(ids.shape[1], device=device)[None]
     with torch.no_grad():

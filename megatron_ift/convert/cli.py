@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from megatron_ift.convert import ConversionError
 from megatron_ift.errors import run_cli
+from megatron_ift.platform import bootstrap
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -108,6 +109,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
 
 def _convert(argv: list[str], prog: Optional[str]) -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.command != "gguf-to-hf":  # the two that write or read megatron-core checkpoints
+        bootstrap()
     start = time.time()
     try:
         if args.command == "import-hf":

@@ -2,11 +2,12 @@
 
 Training loop entry points: :func:`build_data` -> :meth:`Data.train_iterator` /
 :meth:`Data.eval_iterator`; :func:`check_vocab` against the model; attention masks for packed
-rows with :func:`packed_attention_mask` (local spec) or :func:`packed_seq_params` (Transformer
-Engine). Imports of heavy libraries (datasets, transformers, megatron-core's datasets) happen
-inside the functions that need them.
+rows with :func:`packed_attention_mask` (local spec) or :func:`cu_seqlens` (Transformer Engine's
+THD rows). Imports of heavy libraries (datasets, transformers, megatron-core's datasets) happen
+inside the functions that need them: loading a run config must stay fast.
 """
 
+from megatron_ift.data.batch import Batch
 from megatron_ift.data.collate import collate
 from megatron_ift.data.config import DataConfig
 from megatron_ift.data.errors import DataError
@@ -16,12 +17,12 @@ from megatron_ift.data.packing import (
     causal_attention_mask,
     cu_seqlens,
     packed_attention_mask,
-    packed_seq_params,
 )
 from megatron_ift.data.sampler import ResumableSampler
 from megatron_ift.data.tokenizer import check_vocab, load_tokenizer
 
 __all__ = [
+    "Batch",
     "Data",
     "DataConfig",
     "DataError",
@@ -35,5 +36,4 @@ __all__ = [
     "cu_seqlens",
     "load_tokenizer",
     "packed_attention_mask",
-    "packed_seq_params",
 ]

@@ -1,16 +1,8 @@
-"""The micro-batch contract: fixed-length rows and their stacking into CPU tensors.
+"""Fixed-length rows and their stacking into a :class:`~megatron_ift.data.batch.Batch`.
 
-Every data path (SFT packed or not, pretraining) yields dicts with these keys, which the
-training step consumes::
-
-    tokens       [b, s] int64    input ids
-    labels       [b, s] int64    tokens shifted left (labels[t] = tokens[t + 1]); the last
-                                 position holds the pad id (SFT) or the next token (pretrain)
-    loss_mask    [b, s] float32  1 where labels[t] is trained
-    position_ids [b, s] int64    per segment when packed, else 0..s-1
-    segment_ids  [b, s] int64    packed rows only (absent otherwise); padding has its own id
-    sample_ids   [b]    int64    stable global sample index (keys IFT's sampling noise); -1 for
-                                 empty filler rows
+A row is a dict of numpy arrays with the fields of :class:`~megatron_ift.data.batch.Batch`
+(``segment_ids`` only for packed rows, ``sample_ids`` a 0-d array); :func:`collate` stacks rows
+into the batch the training step consumes.
 """
 
 from __future__ import annotations
@@ -20,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
+from megatron_ift.data.batch import Batch
 
 
 def assemble_row(
@@ -84,22 +76,22 @@ def empty_row(seq_length: int, pad_id: int, packed: bool) -> dict[str, np.ndarra
     return assemble_row([], seq_length, pad_id, -1, packed)
 
 
-def collate(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack rows into the micro-batch dict of CPU tensors (see the module docstring).
+def collate(rows: Sequence[dict[str, np.ndarray]]) -> Batch:
+    """Stack rows into a batch of CPU tensors.
 
     Returns:
         ``tokens/labels/position_ids [b, s] int64``, ``loss_mask [b, s] float32``,
         ``segment_ids [b, s] int64`` when the rows have them, ``sample_ids [b] int64``.
     """
-    batch = {}
-    for key in KEYS:
-        if key in rows[0]:
-            batch[key] = torch.from_numpy(np.stack([r[key] for r in rows]))  # [b, s]
-    batch["sample_ids"] = torch.from_numpy(
-        np.stack([r["sample_ids"] for r in rows]).astype(np.int64)
-    )  # [b]
-    batch["loss_mask"] = batch["loss_mask"].to(torch.float32)
-    for key in ("tokens", "labels", "position_ids", "segment_ids"):
-        if key in batch:
-            batch[key] = batch[key].to(torch.int64)
-    return batch
+
+    def stack(key: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.stack([r[key] for r in rows])).to(dtype)
+
+    return Batch(
+        tokens=stack("tokens", torch.int64),
+        labels=stack("labels", torch.int64),
+        loss_mask=stack("loss_mask", torch.float32),
+        position_ids=stack("position_ids", torch.int64),
+        sample_ids=stack("sample_ids", torch.int64),
+        segment_ids=stack("segment_ids", torch.int64) if "segment_ids" in rows[0] else None,
+    )

@@ -5,7 +5,7 @@
     data = build_data(cfg, train_samples=global_batch * train_steps)   # every rank
     check_vocab(data.tokenizer, model_cfg.vocab_size, cfg.tokenizer_path)
     it = data.train_iterator(dp_rank=r, dp_size=dp, micro_batch_size=mbs, num_microbatches=nmb)
-    batch = next(it)                     # dict of host tensors (pinned on CUDA), see data.collate
+    batch = next(it)                     # a data.batch.Batch of host tensors (pinned if asked)
     state = it.state_dict()              # store with the checkpoint; it.load_state_dict(state)
     for batch in data.eval_iterator(dp_rank=r, dp_size=dp, micro_batch_size=mbs): ...
 
@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import numpy as np
-import torch
 
+from megatron_ift.data.batch import Batch
 from megatron_ift.data.collate import collate
 from megatron_ift.data.config import DataConfig
 from megatron_ift.data.sampler import PAD_INDEX, ResumableSampler
-from megatron_ift.device import pin
 
 
 class RowSource(Protocol):
@@ -46,24 +45,27 @@ class MicroBatchIterator:
     Args:
         source: the rows.
         sampler: the order (:class:`~megatron_ift.data.sampler.ResumableSampler`).
+        pin_memory: page-locked batches, so the copy to a GPU overlaps compute (a real GPU).
     """
 
-    def __init__(self, source: RowSource, sampler: ResumableSampler) -> None:
+    def __init__(self, source: RowSource, sampler: ResumableSampler, *, pin_memory: bool = False) -> None:
         if len(source) != sampler.num_samples:
             raise ValueError(
                 f"sampler covers {sampler.num_samples} rows but the source has {len(source)}"
             )
         self.source, self.sampler = source, sampler
+        self.pin_memory = pin_memory
 
     def __iter__(self) -> "MicroBatchIterator":
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> Batch:
         indices = self.sampler.next_indices()  # raises StopIteration after the last epoch
         rows = [
             self.source.empty_row() if i == PAD_INDEX else self.source.row(int(i)) for i in indices
         ]
-        return pin(collate(rows))
+        batch = collate(rows)
+        return batch.pin_memory() if self.pin_memory else batch
 
     @property
     def epoch(self) -> int:
@@ -103,6 +105,7 @@ class Data:
         micro_batch_size: int,
         num_microbatches: int,
         num_epochs: Optional[int] = None,
+        pin_memory: bool = False,
     ) -> MicroBatchIterator:
         """Endless (or ``num_epochs``) training micro-batches of this data-parallel rank.
 
@@ -121,10 +124,10 @@ class Data:
             drop_last=True,
             num_epochs=num_epochs,
         )
-        return MicroBatchIterator(self.train, sampler)
+        return MicroBatchIterator(self.train, sampler, pin_memory=pin_memory)
 
     def eval_iterator(
-        self, *, dp_rank: int, dp_size: int, micro_batch_size: int
+        self, *, dp_rank: int, dp_size: int, micro_batch_size: int, pin_memory: bool = False
     ) -> MicroBatchIterator:
         """One pass over the held-out rows in order, split over data-parallel ranks.
 
@@ -147,7 +150,7 @@ class Data:
             drop_last=False,
             num_epochs=1,
         )
-        return MicroBatchIterator(self.eval, sampler)
+        return MicroBatchIterator(self.eval, sampler, pin_memory=pin_memory)
 
 
 def _rank0_first(build):

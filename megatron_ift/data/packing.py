@@ -6,10 +6,10 @@ A packed row holds samples back to back, then padding::
     segment_ids  0 0 0 0 1 1 1 2 2 3 3 3      (padding is its own segment)
     position_ids 0 1 2 3 0 1 2 0 1 0 1 2      (restart per segment)
 
-Attention never crosses a segment: :func:`packed_attention_mask` for megatron-core's local
-``DotProductAttention`` (a dense ``[b, 1, s, s]`` mask), :func:`packed_seq_params` for Transformer
-Engine's THD kernels (``cu_seqlens``). The loss mask is 0 at each segment's last position, whose
-label would be the next segment's first token (see :mod:`megatron_ift.data.collate`).
+Attention never crosses a segment: :func:`packed_attention_mask` for the local spec's attention
+(a dense ``[b, 1, s, s]`` mask), :func:`cu_seqlens` for Transformer Engine's THD kernels (the
+step's ``PackedSeqParams``, :mod:`megatron_ift.training.microbatch`). The loss mask is 0 at each segment's last position, whose
+label would be the next segment's first token (see :mod:`megatron_ift.data.batch`).
 """
 
 from __future__ import annotations
@@ -91,19 +91,18 @@ def causal_attention_mask(batch_size: int, seq_length: int) -> torch.Tensor:
     return (~causal).expand(batch_size, 1, seq_length, seq_length).contiguous()
 
 
-def attention_mask(batch: dict) -> Optional[torch.Tensor]:
-    """The mask a micro-batch needs with megatron-core's local attention.
+def attention_mask(segment_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The mask a micro-batch needs with the local attention.
 
     Args:
-        batch: a micro-batch dict (:mod:`megatron_ift.data.collate`).
+        segment_ids: the batch's ``segment_ids [b, s]`` (None for rows that are not packed).
 
     Returns:
         ``[b, 1, s, s]`` bool (True = masked) for packed rows; None otherwise, which leaves
         megatron-core's own causal mask in place (unpacked rows only pad at the end, and
         causal attention never looks ahead into the padding).
     """
-    seg = batch.get("segment_ids")
-    return None if seg is None else packed_attention_mask(seg)
+    return None if segment_ids is None else packed_attention_mask(segment_ids)
 
 
 def cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -121,29 +120,3 @@ def cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
     idx = torch.nonzero(starts.reshape(-1), as_tuple=False).squeeze(1)  # [num_segments]
     end = torch.tensor([b * s], device=segment_ids.device, dtype=idx.dtype)
     return torch.cat([idx, end]).to(torch.int32)
-
-
-def packed_seq_params(segment_ids: torch.Tensor):
-    """megatron-core ``PackedSeqParams`` (THD format) for Transformer Engine attention.
-
-    Transformer Engine's fused attention takes the tokens of a micro-batch flattened to
-    ``[t, h, d]`` with ``cu_seqlens`` marking the sequences; megatron-core forwards these
-    parameters to it (``model(..., packed_seq_params=...)``). Needs a GPU with TE to run.
-
-    Args:
-        segment_ids: ``[b, s]`` segment ids of the micro-batch.
-
-    Returns:
-        ``PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens_kv=..., max_seqlen_*=...)``.
-    """
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    cu = cu_seqlens(segment_ids)
-    max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=max_len,
-        max_seqlen_kv=max_len,
-    )

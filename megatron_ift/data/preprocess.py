@@ -200,7 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from megatron_ift.platform import bootstrap
+
     args = parse_args(argv)
+    bootstrap()  # megatron-core's indexed-dataset builder: imported with the platform set up
     counts = preprocess(
         args.input,
         args.output_prefix,

@@ -2,9 +2,9 @@
 
 from megatron_ift.ift.config import IFTConfig
 from megatron_ift.ift.estimators import estimate
-from megatron_ift.ift.logprobs import check_labels, label_logprobs, label_logprobs_no_grad
+from megatron_ift.ift.logprobs import check_labels, label_logprobs_no_grad, linear_label_logprobs
 from megatron_ift.ift.loss import LossTerms, aggregate, ift_loss_terms
-from megatron_ift.ift.mixing import estimated_sequence, mixed_word_embeddings
+from megatron_ift.ift.mixing import estimated_sequence, mix_embeddings
 from megatron_ift.ift.schedule import lambda_at
 from megatron_ift.ift.weights import Groups, propagation_weights
 
@@ -17,9 +17,9 @@ __all__ = [
     "estimate",
     "estimated_sequence",
     "ift_loss_terms",
-    "label_logprobs",
     "label_logprobs_no_grad",
+    "linear_label_logprobs",
     "lambda_at",
-    "mixed_word_embeddings",
+    "mix_embeddings",
     "propagation_weights",
 ]

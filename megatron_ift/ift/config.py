@@ -9,7 +9,6 @@ from megatron_ift.config_io import check_literals
 from megatron_ift.validation import ConfigError, check_positive_int, check_range
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class IFTConfig:
     """Options of Intuitive Fine-Tuning. Defaults are the reference recipe's.
@@ -101,7 +100,9 @@ class IFTConfig:
         """True when the step reduces to plain SFT (no estimation pass needed)."""
         return self.max_lambda == 0.0 and self.min_lambda == 0.0 and self.gamma == 0.0
 
-    @property
-    def needs_estimates(self) -> bool:
-        """Whether the estimation pass can change the input (lambda may be non-zero)."""
-        return self.max_lambda > 0.0 or (self.schedule == "linear" and self.min_lambda > 0.0)
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ConfigError if an option cannot work with a vocabulary of ``vocab_size``
+        (the ``kth`` estimator's ``k``)."""
+        if self.estimator == "kth" and self.k > vocab_size:
+            raise ConfigError(f"ift.k={self.k} exceeds model.vocab_size={vocab_size}; the kth "
+                              "estimator needs k <= vocabulary size")

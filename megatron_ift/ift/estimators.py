@@ -71,9 +71,8 @@ def greedy(logits: torch.Tensor, vocab_size: int, group: ProcessGroup = None) ->
 
 
 def kth(logits: torch.Tensor, k: int, vocab_size: int, group: ProcessGroup = None) -> torch.Tensor:
-    """The k-th most likely token (order: logit descending, id ascending)."""
-    if k > vocab_size:
-        raise ValueError(f"kth estimator: k={k} exceeds the vocabulary size {vocab_size}")
+    """The k-th most likely token (order: logit descending, id ascending); ``k <= vocab_size``
+    (:meth:`IFTConfig.check_vocab`)."""
     valid, start = _valid_view(logits, vocab_size, group)
     work = valid.detach().clone()
     for _ in range(k - 1):
@@ -229,6 +228,7 @@ def estimate(
             f"vocab_size={vocab_size} exceeds the logits' vocabulary "
             f"({logits.shape[-1]} x {world} ranks); the tokenizer does not match the model"
         )
+    cfg.check_vocab(vocab_size)
     if cfg.estimator == "greedy":
         return greedy(logits, vocab_size, group)
     if cfg.estimator == "kth":

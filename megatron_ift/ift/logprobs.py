@@ -1,18 +1,17 @@
 """Vocab-parallel log-probabilities of the labels (IFT step 4), never gathering the vocabulary.
 
-Two trainable paths:
+One computation, two entry points:
 
-* :func:`label_logprobs` from logits the output layer already produced, built from
-  megatron-core's ``VocabParallelCrossEntropy`` steps, with the tensor-parallel group passed in
-  (megatron-core's own autograd function reads the global group) and float64 kept as float64
-  (megatron-core casts to float32), so the same function serves training and the float64 oracle
-  tests;
-* :func:`linear_label_logprobs`, the output layer fused in, in chunks of positions (the
-  Liger / cut-cross-entropy idea inside megatron's vocab-parallel scheme): from hidden states
-  ``[n, h]`` and the local weight shard ``[v/tp, h]`` it never holds more than
+* :func:`linear_label_logprobs` (training): the output layer fused in, in chunks of positions
+  (the Liger / cut-cross-entropy idea inside megatron's vocab-parallel scheme): from hidden
+  states ``[n, h]`` and the local weight shard ``[v/tp, h]`` it never holds more than
   ``chunk_size x v/tp`` logits, forward or backward. Backward recomputes each chunk's logits
-  (one extra output-layer GEMM) unless everything fits in one chunk, where the forward's
-  logits are kept (still within the bound).
+  (one extra output-layer GEMM) unless everything fits in one chunk, where the forward's logits
+  are kept (still within the bound).
+* :func:`label_logprobs_no_grad` (metrics): from logits the estimation pass already holds.
+
+Both reduce each shard to a per-position log-sum-exp and label logit and combine the shards with
+three ``[n]``-sized all-reduces (:func:`_combine_shards`), whatever the chunking.
 """
 
 from __future__ import annotations
@@ -23,77 +22,25 @@ import torch.distributed as dist
 from megatron_ift.ift._dist import ProcessGroup, all_reduce_, group_rank_world
 
 
-def _vpce():
-    """megatron-core's ``VocabParallelCrossEntropy``, imported on first use: importing
-    ``megatron_ift.ift`` (which the config sections do) must not import megatron-core."""
-    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
-
-    return VocabParallelCrossEntropy
-
-
-class _VocabParallelNLL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, group):  # logits [..., v/tp], target [...]
-        VocabParallelCrossEntropy = _vpce()
-        if logits.dtype not in (torch.float32, torch.float64):
-            logits = logits.float()
-        rank, _ = group_rank_world(group)
-        part = logits.shape[-1]
-        start, end = rank * part, (rank + 1) * part
-        logits_max = all_reduce_(logits.amax(dim=-1), dist.ReduceOp.MAX, group)
-        target_mask, masked_target_1d, predicted, sum_exp, exp_logits = (
-            VocabParallelCrossEntropy.calculate_predicted_logits(
-                logits, target, logits_max, start, end
-            )
-        )
-        all_reduce_(predicted, dist.ReduceOp.SUM, group)
-        all_reduce_(sum_exp, dist.ReduceOp.SUM, group)
-        softmax, nll = VocabParallelCrossEntropy.calculate_cross_entropy_loss(
-            exp_logits, predicted, sum_exp
-        )
-        ctx.save_for_backward(softmax, target_mask, masked_target_1d)
-        return nll
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        softmax, target_mask, masked_target_1d = ctx.saved_tensors
-        VocabParallelCrossEntropy = _vpce()
-        grad_2d, arange_1d, update, grad_input = (
-            VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask)
-        )
-        grad_input = VocabParallelCrossEntropy.calculate_gradients(
-            grad_2d, arange_1d, masked_target_1d, update.to(grad_2d.dtype), grad_input,
-            grad_output.to(grad_input.dtype),
-        )
-        return grad_input, None, None
+def _label_index(labels: torch.Tensor, part: int, group: ProcessGroup):
+    """Where each global label id lies in this rank's vocabulary shard of ``part`` columns:
+    ``(index into the shard, clamped; whether the shard holds it)``."""
+    rank, _ = group_rank_world(group)
+    local = labels - rank * part
+    here = (local >= 0) & (local < part)
+    return local.clamp(0, part - 1), here
 
 
-def label_logprobs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    group: ProcessGroup = None,
-    *,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """``log_softmax(logits)[label]`` per position, computed vocab-parallel.
-
-    Args:
-        logits: local shard ``[..., v/tp]`` (any leading layout, e.g. ``[b, s]`` or ``[s, b]``).
-        labels: global label ids ``[...]`` matching the leading dims.
-        group: tensor-parallel group over which the vocabulary is split.
-        inplace: allow overwriting ``logits`` (saves one vocab-sized buffer, as megatron-core
-            does); only when nothing else reads them afterwards.
-
-    Returns:
-        log-probabilities ``[...]`` in float32 (float64 for float64 logits), differentiable.
-    """
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}"
-        )
-    if not inplace and logits.dtype in (torch.float32, torch.float64):
-        logits = logits.clone()
-    return -_VocabParallelNLL.apply(logits, labels, group)
+def _combine_shards(lse: torch.Tensor, picked: torch.Tensor, here: torch.Tensor,
+                    group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global ``(log-probability of the label, log-sum-exp)`` per position from each shard's
+    log-sum-exp ``lse [n]`` and label logit ``picked [n]`` (valid where ``here``)."""
+    gmax = all_reduce_(lse.clone(), dist.ReduceOp.MAX, group)
+    total = all_reduce_(torch.exp(lse - gmax), dist.ReduceOp.SUM, group)
+    lse = gmax + torch.log(total)
+    label_logit = all_reduce_(torch.where(here, picked, torch.zeros_like(picked)),
+                              dist.ReduceOp.SUM, group)
+    return label_logit - lse, lse
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -107,12 +54,8 @@ class _LinearLabelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, group, chunk):  # [n, h], [v/tp, h], [n]
-        rank, _ = group_rank_world(group)
-        part = weight.shape[0]
         n = hidden.shape[0]
-        local = labels - rank * part
-        here = (local >= 0) & (local < part)
-        index = local.clamp(0, part - 1)
+        index, here = _label_index(labels, weight.shape[0], group)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         picked = torch.empty(n, dtype=acc, device=hidden.device)
@@ -124,15 +67,10 @@ class _LinearLabelLogprobs(torch.autograd.Function):
             picked[lo:hi] = z.gather(-1, index[lo:hi, None])[:, 0]
             if n <= chunk:
                 kept = z  # one chunk: keep it for backward instead of recomputing
-        # Combine the shards' partial results: three [n]-sized all-reduces, whatever the chunks.
-        gmax = all_reduce_(lse.clone(), dist.ReduceOp.MAX, group)
-        total = all_reduce_(torch.exp(lse - gmax), dist.ReduceOp.SUM, group)
-        lse = gmax + torch.log(total)
-        label_logit = all_reduce_(torch.where(here, picked, torch.zeros_like(picked)),
-                                  dist.ReduceOp.SUM, group)
+        logp, lse = _combine_shards(lse, picked, here, group)
         ctx.chunk = chunk
         ctx.save_for_backward(hidden, weight, lse, index, here, kept)
-        return label_logit - lse
+        return logp
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out [n]
@@ -169,8 +107,8 @@ def linear_label_logprobs(
 ) -> torch.Tensor:
     """``log_softmax(hidden @ weight.T)[label]`` per row, the output layer fused in, chunked.
 
-    Equal to running the (column-parallel, bias-free) output layer and then
-    :func:`label_logprobs`, but no rank ever holds more than ``chunk_size x v/tp`` logits.
+    Equal to running the (column-parallel, bias-free) output layer and a log-softmax over the
+    whole vocabulary, but no rank ever holds more than ``chunk_size x v/tp`` logits.
 
     Args:
         hidden: ``[n, h]`` output-layer inputs, identical on every TP rank. Their gradient is
@@ -198,23 +136,12 @@ def linear_label_logprobs(
 
 @torch.no_grad()
 def label_logprobs_no_grad(logits: torch.Tensor, labels: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
-    """``log_softmax(logits)[label]`` for metrics (no gradient, logits untouched).
-
-    One fused ``logsumexp`` pass per shard instead of the trainable path's max / subtract /
-    exp / sum, combined across ranks from ``[...]``-sized partial results.
-    """
+    """``log_softmax(logits)[label]`` for metrics, from vocab-parallel ``logits [..., v/tp]``
+    (no gradient, logits untouched; float32, float64 kept)."""
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    rank, _ = group_rank_world(group)
-    part = x.shape[-1]
-    local_lse = torch.logsumexp(x, dim=-1)  # [...]
-    gmax = all_reduce_(local_lse.clone(), dist.ReduceOp.MAX, group)
-    total = all_reduce_(torch.exp(local_lse - gmax), dist.ReduceOp.SUM, group)
-    lse = gmax + torch.log(total)
-    local = labels - rank * part
-    here = (local >= 0) & (local < part)
-    picked = x.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1)
-    label_logit = all_reduce_(torch.where(here, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM, group)
-    return label_logit - lse
+    index, here = _label_index(labels, x.shape[-1], group)
+    picked = x.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return _combine_shards(torch.logsumexp(x, dim=-1), picked, here, group)[0]
 
 
 def check_labels(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int) -> None:

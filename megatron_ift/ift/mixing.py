@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -44,43 +43,30 @@ def estimated_sequence(
     return xhat
 
 
-@contextlib.contextmanager
-def mixed_word_embeddings(
-    word_embeddings: torch.nn.Module,
-    tokens_hat: torch.Tensor,
+def mix_embeddings(
+    embedded: torch.Tensor,
+    embedded_hat: Optional[torch.Tensor],
     lam: float,
     mode: str = "live",
-) -> Iterator[None]:
-    """Within the block, ``word_embeddings(x)`` returns ``(1 - lam) * E[x] + lam * E[xhat]``.
-
-    ``word_embeddings`` is the model's own (vocab-parallel) table, e.g. megatron-core's
-    ``LanguageModelEmbedding.word_embeddings``; a forward hook mixes its output, so everything
-    the embedding stage does after the lookup (position embeddings, the sequence-parallel
-    scatter, embedding dropout with one mask) runs once, on the mixed input.
+) -> torch.Tensor:
+    """The mixed input ``(1 - lam) * E[x] + lam * E[xhat]`` (spec step 3).
 
     Args:
-        tokens_hat: ``xhat``, same shape as the ids the table is called with inside the block.
+        embedded: ``E[x]``, the word embeddings of the ground-truth tokens (any layout).
+        embedded_hat: ``E[xhat]`` in the same layout; may be None when ``lam == 0``.
+        lam: the mixing coefficient.
         mode: ``live`` lets gradients reach the table through both terms; ``detached``
-            (reference parity) uses the current table's values with gradients stopped.
+            (reference parity) uses the table's current values with gradients stopped.
+
+    Returns:
+        The mixed embeddings, ``embedded``'s shape and dtype.
     """
     if mode not in ("live", "detached"):
         raise ValueError(f"mixing mode {mode!r} is not 'live' or 'detached'")
-
-    def hook(module, args, output):
-        ids = args[0] if args else None
-        if ids is None or tuple(ids.shape) != tuple(tokens_hat.shape):
-            raise RuntimeError(
-                "mixed_word_embeddings: the table was called with ids of shape "
-                f"{None if ids is None else tuple(ids.shape)}, not xhat's {tuple(tokens_hat.shape)}"
-            )
-        live = mode == "live"
-        with torch.set_grad_enabled(torch.is_grad_enabled() and live):
-            # module.forward, not module(...): the hook must not fire again for xhat.
-            mixed = output if lam == 0.0 else (1.0 - lam) * output + lam * module.forward(tokens_hat)
-        return mixed if live else mixed.detach()
-
-    handle = word_embeddings.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    if lam == 0.0:
+        mixed = embedded
+    else:
+        if embedded_hat is None:
+            raise ValueError(f"lambda={lam} needs the estimated tokens' embeddings")
+        mixed = (1.0 - lam) * embedded + lam * embedded_hat
+    return mixed if mode == "live" else mixed.detach()

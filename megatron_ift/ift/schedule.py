@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from megatron_ift.ift.config import IFTConfig
+from megatron_ift.seeding import step_seed
 
 
 def _step_normal(seed: int, step: int) -> float:
     """A standard-normal draw that depends only on (seed, step)."""
     gen = torch.Generator(device="cpu")
-    gen.manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
+    gen.manual_seed(step_seed(seed, step))
     return float(torch.randn((), generator=gen, dtype=torch.float64))
 
 

@@ -19,6 +19,10 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from megatron_ift.errors import ConfigError, run_cli
+from megatron_ift.inference.sampling import SamplingConfig
+from megatron_ift.platform import bootstrap
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -48,8 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _conversations(args: argparse.Namespace) -> list[list[dict[str, str]]]:
-    from megatron_ift.validation import ConfigError
-
     convs = [[{"role": "user", "content": text}] for text in args.prompt]
     if args.prompts_file:
         if not os.path.isfile(args.prompts_file):
@@ -81,8 +83,6 @@ def encode(tokenizer: Any, conversation: list[dict[str, str]], raw: bool,
     Raises:
         ConfigError: the tokenizer has no chat template (and ``raw`` is off).
     """
-    from megatron_ift.validation import ConfigError
-
     if raw:
         return tokenizer("\n".join(m["content"] for m in conversation),
                          add_special_tokens=True)["input_ids"]
@@ -103,20 +103,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         The exit status: 0, or a refusal's code printed as one line (2 configuration, 4
         checkpoint; ``megatron_ift.errors``).
     """
-    from megatron_ift.errors import run_cli
-
     argv = list(sys.argv[1:] if argv is None else argv)
     return run_cli("megatron-ift generate", _generate, argv)
 
 
 def _generate(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_ift.parallel import use_cpu_compat_without_cuda
-
-    use_cpu_compat_without_cuda()  # before megatron-core is imported
-    from megatron_ift.inference.sampling import SamplingConfig
-    from megatron_ift.validation import ConfigError
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -129,61 +121,11 @@ def _generate(argv: list[str]) -> int:
     if not convs and world > 1:
         raise ConfigError("interactive chat runs in one process; pass --prompt or "
                           "--prompts-file under torchrun")
-    try:
-        return _run(args, sampling, convs)
-    finally:
-        from megatron_ift.parallel import destroy_distributed
+    platform = bootstrap()
+    # After the bootstrap: generation imports megatron-core.
+    from megatron_ift.inference.chat import run
 
-        destroy_distributed()
-
-
-def _run(args: argparse.Namespace, sampling, convs: list[list[dict[str, str]]]) -> int:
-    import torch.distributed as dist
-
-    from megatron_ift.data.tokenizer import load_tokenizer
-    from megatron_ift.inference.decoder import KVCacheDecoder
-    from megatron_ift.inference.loading import find_tokenizer, load_for_inference, stop_token_ids
-    from megatron_ift.parallel import ParallelConfig, init_distributed, model_parallel_seed
-
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp,
-                              pipeline_model_parallel_size=args.pp)
-    init_distributed(parallel)
-    model_parallel_seed(args.seed)
-    model, cfg, ckpt = load_for_inference(args.checkpoint, parallel)
-    tokenizer_dir = find_tokenizer(ckpt, args.tokenizer)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    stops = stop_token_ids(tokenizer, tokenizer_dir)
-    decoder = KVCacheDecoder(model, cfg, progress=not args.no_progress)
-    rank0 = dist.get_rank() == 0
-
-    if not convs:  # interactive, one process
-        history: list[dict[str, str]] = [{"role": "system", "content": args.system}] \
-            if args.system else []
-        print(f"chatting with {ckpt} (empty line or Ctrl-D ends)")
-        for line in sys.stdin:
-            if not line.strip():
-                break
-            history.append({"role": "user", "content": line.strip()})
-            (new,) = decoder.generate([encode(tokenizer, history, args.raw, tokenizer_dir)],
-                                      sampling, stops)
-            answer = tokenizer.decode(new, skip_special_tokens=True)
-            history.append({"role": "assistant", "content": answer})
-            print(answer, flush=True)
-        return 0
-
-    prompts = [encode(tokenizer, c, args.raw, tokenizer_dir) for c in convs]
-    outputs = decoder.generate(prompts, sampling, stops)
-    if rank0:
-        records = [{"messages": c, "response": tokenizer.decode(o, skip_special_tokens=True),
-                    "tokens": o, "prompt_tokens": len(p)}
-                   for c, p, o in zip(convs, prompts, outputs)]
-        for r in records:
-            print(f"user: {r['messages'][-1]['content']}\nassistant: {r['response']}\n", flush=True)
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r) + "\n")
-    return 0
+    return run(args, sampling, convs, platform)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.inference.contexts import StaticInferenceContext
 from tqdm import tqdm
 
-from megatron_ift.device import compute_device
 from megatron_ift.inference.sampling import SamplingConfig, next_tokens
 from megatron_ift.models.config import ModelConfig
+from megatron_ift.platform import Platform
 from megatron_ift.validation import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,18 +39,18 @@ class KVCacheDecoder:
     Args:
         model: this rank's ``GPTModel`` chunk, in evaluation mode.
         cfg: its model config.
+        platform: the compute device.
         progress: a tqdm bar of decoding steps on global rank 0.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, *, progress: bool = False) -> None:
-        from megatron.core import parallel_state as ps
-
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, platform: Platform, *,
+                 progress: bool = False) -> None:
         self.model, self.cfg = model, cfg
         self.progress = progress
         # The model, its inputs and every buffer meeting a collective live on this device; the
         # bookkeeping of the decoding loop (rows, lengths, stop checks) stays on the host, which
         # reads the chosen tokens once per generated position anyway (to stop at EOS).
-        self.device = compute_device()
+        self.device = platform.device
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.stage = ps.get_pipeline_model_parallel_rank()
         pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
@@ -97,8 +99,6 @@ class KVCacheDecoder:
         Raises:
             ConfigError: an empty prompt, or one with no room left for a new token.
         """
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         lengths = [len(p) for p in prompts]
         limit = self.cfg.max_position_embeddings
         if not prompts or min(lengths) < 1 or max(lengths) >= limit:

@@ -12,8 +12,12 @@ import torch
 from megatron_ift.checkpoint import layout
 from megatron_ift.checkpoint.architecture import recorded_model
 from megatron_ift.checkpoint.layout import CheckpointError
+from megatron_ift.checkpoint.model_io import load_model
+from megatron_ift.convert.export_hf import tokenizer_candidates
 from megatron_ift.models.config import ModelConfig
+from megatron_ift.models.gpt import build_gpt_chunks, transformer_config
 from megatron_ift.parallel import ParallelConfig
+from megatron_ift.platform import Platform
 
 
 def model_config_of(ckpt_dir: str, recorded: dict[str, Any]) -> ModelConfig:
@@ -23,17 +27,18 @@ def model_config_of(ckpt_dir: str, recorded: dict[str, Any]) -> ModelConfig:
     return dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def load_for_inference(path: str, parallel: Optional[ParallelConfig] = None
+def load_for_inference(path: str, parallel: Optional[ParallelConfig], platform: Platform,
                        ) -> tuple[torch.nn.Module, ModelConfig, str]:
     """Build this rank's model chunk and load ``path`` into it, in evaluation mode.
 
     Needs megatron-core's process groups for ``parallel``
-    (:func:`megatron_ift.parallel.init_distributed`); collective over all ranks.
+    (:func:`megatron_ift.distributed.init_distributed`); collective over all ranks.
 
     Args:
         path: a run directory (its ``latest`` checkpoint), an ``iter_*`` folder, or an
             imported checkpoint (``megatron-ift convert import-hf`` output).
-        parallel: the layout (TP/PP; no virtual pipeline); default one process.
+        parallel: the layout (TP/PP; no virtual pipeline); None: one process.
+        platform: the compute device and kernels.
 
     Returns:
         (model chunk, its ModelConfig, the checkpoint folder).
@@ -41,9 +46,6 @@ def load_for_inference(path: str, parallel: Optional[ParallelConfig] = None
     Raises:
         CheckpointError: no checkpoint there, or no recorded architecture.
     """
-    from megatron_ift.checkpoint.model_io import load_model
-    from megatron_ift.models.gpt import build_gpt_chunks, transformer_config
-
     parallel = parallel or ParallelConfig()
     if parallel.vpp > 1:
         raise CheckpointError("generation does not use virtual pipeline stages; load with "
@@ -52,8 +54,8 @@ def load_for_inference(path: str, parallel: Optional[ParallelConfig] = None
     cfg = model_config_of(ckpt, recorded)
     # the strict load below overwrites every parameter, so random initialisation (of the full
     # weights on every rank, with CPU initialisation) would be wasted work
-    config = transformer_config(cfg, parallel, perform_initialization=False)
-    (model,) = build_gpt_chunks(cfg, parallel, config)
+    config = transformer_config(cfg, parallel, platform, perform_initialization=False)
+    (model,) = build_gpt_chunks(cfg, parallel, platform, config)
     load_model([model], ckpt, strict=True)
     model.eval()
     return model, cfg, ckpt
@@ -65,8 +67,6 @@ def find_tokenizer(ckpt_dir: str, explicit: Optional[str] = None) -> str:
     Raises:
         CheckpointError: none found (the message lists where it looked and the fix).
     """
-    from megatron_ift.convert.export_hf import tokenizer_candidates
-
     if explicit:
         if not os.path.isdir(explicit):
             raise CheckpointError(f"--tokenizer {explicit} is not a folder")

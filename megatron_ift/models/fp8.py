@@ -15,13 +15,13 @@ No FP8 run has been made on a GPU in this project yet (docs/scale_out.md).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from megatron_ift.config_io import check_literals
+from megatron_ift.platform import Platform
 from megatron_ift.validation import ConfigError, check_positive_int
 
 MIN_COMPUTE_CAPABILITY = (8, 9)
@@ -114,27 +114,31 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def check_fp8_supported(cfg: FP8Config) -> None:
+def check_fp8_supported(cfg: FP8Config, platform: Platform) -> None:
     """Raise :class:`FP8UnsupportedError` naming the fix when ``cfg`` asks for FP8 here in vain.
 
     Checks, in order: Transformer Engine importable; a CUDA GPU visible; its compute capability
     >= 8.9; TE new enough for the recipe; TE's own FP8 verdict (driver, CUDA, cuBLASLt).
     Does nothing when FP8 is disabled.
+
+    Args:
+        cfg: the FP8 options.
+        platform: where this process computes.
     """
     if not cfg.enabled:
         return
     off = "or set fp8.enabled=false to train in bf16"
-    if importlib.util.find_spec("transformer_engine") is None:
+    if not platform.kernels.transformer_engine:
         raise FP8UnsupportedError(
             "fp8.enabled=true needs NVIDIA Transformer Engine, which is not installed: "
             f"pip install 'megatron-ift[gpu]' (transformer-engine[pytorch]) on a CUDA machine, {off}")
-    if not torch.cuda.is_available():
+    if not platform.cuda:
         raise FP8UnsupportedError(
             f"fp8.enabled=true needs a CUDA GPU and none is visible: run on an Ada, Hopper or "
             f"Blackwell GPU (compute capability >= 8.9), {off}")
-    capability = torch.cuda.get_device_capability()
+    capability = torch.cuda.get_device_capability(platform.device)
     if tuple(capability) < MIN_COMPUTE_CAPABILITY:
-        name = torch.cuda.get_device_name()
+        name = torch.cuda.get_device_name(platform.device)
         raise FP8UnsupportedError(
             f"fp8.enabled=true: {name} has compute capability {capability[0]}.{capability[1]}, "
             f"FP8 tensor cores need >= 8.9 (L4/L40, H100/H200, B200): run there, {off}")

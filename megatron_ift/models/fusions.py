@@ -1,53 +1,68 @@
-"""Which megatron-core fusions a run turns on: the ones its device has kernels for.
+"""Which megatron-core fusions a run turns on: the ones its platform has kernels for.
 
-On the CPU every fusion is off: megatron-core's fused kernels are CUDA (or ``torch.compile``
-for CUDA) code. On a CUDA device each fusion is on when what it needs is importable, so a GPU
-without Transformer Engine or apex still gets the ``torch.compile``-d ones instead of failing:
+One decision from the platform's facts (:class:`megatron_ift.platform.Platform`: a CUDA device,
+real or emulated, and which optional kernels are importable), so the CPU suite can exercise the
+decisions a GPU container makes (Transformer Engine with or without apex, neither) by building
+the platform it describes. On the CPU every fusion is off: megatron-core's fused kernels are CUDA
+(or ``torch.compile`` for CUDA) code.
 
 ==================================  ===========================================================
-``bias_activation_fusion``           CUDA (megatron-core's jit-fused bias + GeLU / SwiGLU)
+``bias_activation_fusion``           CUDA, when the MLP has biases or a gated activation
+                                     (megatron-core refuses the bias-free GeLU fusion)
 ``bias_dropout_fusion``              CUDA (jit-fused bias + dropout + residual add)
 ``masked_softmax_fusion``            CUDA and megatron's ``scaled_*_softmax_cuda`` kernels
 ``apply_rope_fusion``                CUDA and Transformer Engine (its fused RoPE)
-``gradient_accumulation_fusion``     CUDA and TE layers, or apex's ``fused_weight_gradient_mlp_cuda``
+``gradient_accumulation_fusion``     CUDA and apex's ``fused_weight_gradient_mlp_cuda``: the
+                                     output layer is always megatron-core's own
+                                     ``ColumnParallelLinear``, which needs that kernel even when
+                                     every other layer is Transformer Engine's
 ``persist_layer_norm``               off: apex's persistent LayerNorm; our norms are torch or TE
 ==================================  ===========================================================
 """
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Callable
+from megatron_ift.platform import Platform
 
 
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def fusion_settings(
-    device_type: str, transformer_impl: str, importable: Callable[[str], bool] = _importable
-) -> dict[str, bool]:
-    """``TransformerConfig`` fusion fields for a device and layer implementation.
+def fusion_settings(platform: Platform, transformer_impl: str, *, gated: bool,
+                    bias: bool) -> dict[str, bool]:
+    """``TransformerConfig`` fusion fields for a platform and layer implementation.
 
     Args:
-        device_type: ``cuda`` or ``cpu`` (the compute device's type).
+        platform: where the run computes and which kernels exist.
         transformer_impl: the resolved layer spec, ``local`` or ``transformer_engine``.
-        importable: module-availability probe (tests pass their own).
+        gated: the MLP uses a gated activation (SwiGLU).
+        bias: the linear layers have biases (``model.add_bias_linear``).
 
     Returns:
-        The six fusion flags, ``cross_entropy_loss_fusion`` (off: the IFT loss is ours).
+        The six fusion flags and ``cross_entropy_loss_fusion`` (off: the IFT loss is ours).
     """
-    cuda = device_type == "cuda"
-    te = cuda and transformer_impl == "transformer_engine"
+    cuda = platform.cuda
+    kernels = platform.kernels
     return {
-        "bias_activation_fusion": cuda,
+        "bias_activation_fusion": cuda and (gated or bias),
         "bias_dropout_fusion": cuda,
-        "masked_softmax_fusion": cuda and importable("scaled_upper_triang_masked_softmax_cuda"),
-        "apply_rope_fusion": te,
-        "gradient_accumulation_fusion": te or (cuda and importable("fused_weight_gradient_mlp_cuda")),
+        "masked_softmax_fusion": cuda and kernels.megatron_softmax,
+        "apply_rope_fusion": cuda and transformer_impl == "transformer_engine" and kernels.transformer_engine,
+        "gradient_accumulation_fusion": cuda and kernels.apex_gradient_accumulation,
         "persist_layer_norm": False,
         "cross_entropy_loss_fusion": False,
     }
+
+
+def missing_kernel_warnings(platform: Platform, transformer_impl: str) -> list[str]:
+    """One line per fusion a GPU run would use but has no kernel for (it runs unfused); empty
+    on the CPU, where no fusion is expected."""
+    if not platform.cuda:
+        return []
+    out = []
+    if not platform.kernels.apex_gradient_accumulation:
+        out.append("gradient_accumulation_fusion is off: apex's fused_weight_gradient_mlp_cuda is "
+                   "not installed (megatron-core's output layer needs it even with Transformer "
+                   "Engine); install NVIDIA apex with its CUDA extensions to fuse weight-gradient "
+                   "accumulation")
+    if transformer_impl == "local" and not platform.kernels.megatron_softmax:
+        out.append("masked_softmax_fusion is off: megatron's scaled_*_softmax_cuda kernels are not "
+                   "installed (only the local spec's model.attention_backend=local uses them)")
+    return out

@@ -1,21 +1,24 @@
 """Build megatron-core ``GPTModel`` chunks from a :class:`ModelConfig` and a parallel layout.
 
-Layer spec: megatron-core's Transformer Engine spec when TE is importable and a GPU is present
-(``transformer_impl`` ``auto`` or ``transformer_engine``), else the local spec with torch norms
-that support sequence parallelism (:mod:`megatron_ift.models.norm`).
+Layer spec: megatron-core's Transformer Engine spec when the platform has TE and a (real or
+emulated) CUDA device (``transformer_impl`` ``auto`` or ``transformer_engine``), else the local
+spec with torch norms that support sequence parallelism (:mod:`megatron_ift.models.norm`).
+The chunks are :class:`megatron_ift.models.ift_model.IFTGPTModel`: megatron-core's ``GPTModel``
+with the two entry points the IFT step calls.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
@@ -24,27 +27,29 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ift.device import compute_device
 from megatron_ift.models.attention import SDPAttention
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.models.fusions import fusion_settings
+from megatron_ift.models.ift_model import IFTGPTModel
 from megatron_ift.models.norm import TorchNorm
 from megatron_ift.parallel import ParallelConfig
+from megatron_ift.platform import Platform
 from megatron_ift.validation import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def te_available() -> bool:
-    """Transformer Engine importable and a CUDA device present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+def te_available(platform: Platform) -> bool:
+    """Transformer Engine importable and a CUDA device (real, or emulated with the test suite's
+    TE stand-in) present."""
+    return platform.cuda and platform.kernels.transformer_engine
 
 
-def resolve_transformer_impl(model: ModelConfig) -> str:
+def resolve_transformer_impl(model: ModelConfig, platform: Platform) -> str:
     """``local`` or ``transformer_engine``; raises when TE is asked for but unusable."""
     if model.transformer_impl == "auto":
-        return "transformer_engine" if te_available() else "local"
-    if model.transformer_impl == "transformer_engine" and not te_available():
+        return "transformer_engine" if te_available(platform) else "local"
+    if model.transformer_impl == "transformer_engine" and not te_available(platform):
         raise ConfigError(
             "model.transformer_impl='transformer_engine' needs a CUDA GPU and the "
             "transformer-engine package (pip install 'megatron-ift[gpu]'); use "
@@ -56,22 +61,23 @@ def resolve_transformer_impl(model: ModelConfig) -> str:
 def transformer_config(
     model: ModelConfig,
     parallel: ParallelConfig,
+    platform: Platform,
     *,
     use_cpu_initialization: Optional[bool] = None,
     **overrides: Any,
 ) -> TransformerConfig:
-    """megatron-core ``TransformerConfig`` for ``model`` split as ``parallel``.
+    """megatron-core ``TransformerConfig`` for ``model`` split as ``parallel`` on ``platform``.
 
     Args:
         use_cpu_initialization: initialise full weights on the CPU then split them, which makes
             the initial weights independent of the tensor-parallel degree (default: on without
-            CUDA).
+            a CUDA device).
         overrides: extra ``TransformerConfig`` fields (recomputation, FP8, ...).
     """
     parallel.check_model(model.num_layers, model.num_attention_heads, model.query_groups)
     dtype = _DTYPES[model.params_dtype]
     if use_cpu_initialization is None:
-        use_cpu_initialization = not torch.cuda.is_available()
+        use_cpu_initialization = not platform.cuda
     kwargs: dict[str, Any] = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -100,7 +106,8 @@ def transformer_config(
         attention_dropout=model.attention_dropout,
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=True,
-        **fusion_settings(compute_device().type, resolve_transformer_impl(model)),
+        **fusion_settings(platform, resolve_transformer_impl(model, platform),
+                          gated=model.activation == "swiglu", bias=model.add_bias_linear),
     )
     if dist.is_initialized() and dist.get_backend() == "gloo":
         # gloo matches point-to-point messages between two ranks in posting order; batched
@@ -112,23 +119,20 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: Optional[int]) -> ModuleSpec:
+def layer_spec(model: ModelConfig, config: TransformerConfig, platform: Platform,
+               vp_stage: Optional[int]) -> ModuleSpec:
     """Block spec for this stage's layers.
 
     TE spec on GPU; otherwise the local spec with torch norms and, unless
     ``model.attention_backend`` is ``local``, fused SDPA core attention
     (:class:`megatron_ift.models.attention.SDPAttention`).
     """
-    if resolve_transformer_impl(model) == "transformer_engine":
+    if resolve_transformer_impl(model, platform) == "transformer_engine":
         if model.attention_backend != "auto":
             raise ConfigError(
                 f"model.attention_backend={model.attention_backend!r} applies to the local spec; "
                 "the Transformer Engine spec uses TE's fused attention (leave it at 'auto')"
             )
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
         return get_gpt_layer_with_transformer_engine_spec()
     layer = get_gpt_layer_local_spec(normalization=model.normalization)
     if model.attention_backend in ("auto", "sdpa"):
@@ -143,22 +147,24 @@ def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: Optional
 
 
 def build_gpt_chunks(
-    model: ModelConfig, parallel: ParallelConfig, config: Optional[TransformerConfig] = None
-) -> list[GPTModel]:
-    """This rank's model chunks (one, or ``virtual_pipeline_model_parallel_size`` with VPP).
+    model: ModelConfig, parallel: ParallelConfig, platform: Platform,
+    config: Optional[TransformerConfig] = None,
+) -> list[IFTGPTModel]:
+    """This rank's model chunks (one, or ``virtual_pipeline_model_parallel_size`` with VPP), on
+    the platform's device.
 
-    Requires megatron-core's process groups (:func:`megatron_ift.parallel.init_distributed`).
+    Requires megatron-core's process groups (:func:`megatron_ift.distributed.init_distributed`).
     """
-    config = config or transformer_config(model, parallel)
+    config = config or transformer_config(model, parallel, platform)
     tp = parallel.tensor_model_parallel_size
     chunks = []
     for vp in range(parallel.vpp):
         vp_stage = vp if parallel.virtual_pipeline_model_parallel_size else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        chunk = GPTModel(
+        chunk = IFTGPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(model, config, vp_stage),
+            transformer_layer_spec=layer_spec(model, config, platform, vp_stage),
             vocab_size=model.padded_vocab_size(tp),
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre,
@@ -172,9 +178,9 @@ def build_gpt_chunks(
             rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=vp_stage,
         )
-        if torch.cuda.is_available():
+        if platform.cuda:
             # GPU allocation (as Megatron-LM's get_model): parameters and buffers built on the
             # host (CPU initialisation, our torch norms) move to this rank's device.
-            chunk.cuda(torch.cuda.current_device())
+            chunk.to(platform.device)
         chunks.append(chunk)
     return chunks

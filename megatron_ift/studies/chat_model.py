@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_ift.studies.generate import _init_once, _right_padded
+from megatron_ift.platform import Platform
+from megatron_ift.studies.generate import _right_padded, world_of_one
 
 
 class ChatModel:
@@ -18,18 +19,20 @@ class ChatModel:
 
     Args:
         path: a run directory (its ``latest``), an ``iter_*`` folder, or an imported checkpoint.
+        platform: where this process computes.
         tokenizer_dir: the tokenizer folder (default: found from the checkpoint, as
             ``megatron-ift generate`` finds it).
         batch_size: prompts decoded together (one KV cache of ``batch_size`` rows).
     """
 
-    def __init__(self, path: str, tokenizer_dir: Optional[str] = None, batch_size: int = 32) -> None:
+    def __init__(self, path: str, platform: Platform, tokenizer_dir: Optional[str] = None,
+                 batch_size: int = 32) -> None:
         from megatron_ift.data.tokenizer import load_tokenizer
         from megatron_ift.inference.decoder import KVCacheDecoder
         from megatron_ift.inference.loading import find_tokenizer, load_for_inference, stop_token_ids
 
-        _init_once()
-        self.model, self.cfg, self.ckpt = load_for_inference(path)
+        world_of_one(platform)
+        self.model, self.cfg, self.ckpt = load_for_inference(path, None, platform)
         self.tokenizer_dir = find_tokenizer(self.ckpt, tokenizer_dir)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         # Stop at EOS and at the chat template's end of turn (ChatML's <|im_end|>, when the
@@ -39,7 +42,7 @@ class ChatModel:
         if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
             stops.add(end_of_turn)
         self.stop_ids = sorted(stops)
-        self.decoder = KVCacheDecoder(self.model, self.cfg)
+        self.decoder = KVCacheDecoder(self.model, self.cfg, platform)
         self.batch_size = batch_size
 
     def encode_prompt(self, messages: Sequence[dict]) -> list[int]:

@@ -15,25 +15,21 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_ift.models.config import ModelConfig
+from megatron_ift.platform import Platform
 
 _INITIALISED = False
 
 
-def _init_once() -> None:
-    """A world of one with megatron-core's groups (idempotent)."""
+def world_of_one(platform: Platform) -> None:
+    """A world of one with megatron-core's groups, for evaluating in this process (idempotent)."""
     global _INITIALISED
     if _INITIALISED:
         return
-    from megatron_ift.parallel import (
-        ParallelConfig,
-        init_distributed,
-        model_parallel_seed,
-        use_cpu_compat_without_cuda,
-    )
+    from megatron_ift.distributed import init_distributed, model_parallel_seed
+    from megatron_ift.parallel import ParallelConfig
 
-    use_cpu_compat_without_cuda()
-    init_distributed(ParallelConfig())
-    model_parallel_seed(0)
+    init_distributed(ParallelConfig(), platform)
+    model_parallel_seed(0, platform)
     _INITIALISED = True
 
 
@@ -51,14 +47,15 @@ class LoadedModel:
 
     Args:
         run_dir: a run directory (its ``latest`` checkpoint) or an ``iter_*`` folder.
+        platform: where this process computes.
     """
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, platform: Platform) -> None:
         from megatron_ift.inference.loading import load_for_inference
 
-        _init_once()
+        world_of_one(platform)
         self.cfg: ModelConfig
-        self.model, self.cfg, _ = load_for_inference(run_dir)
+        self.model, self.cfg, _ = load_for_inference(run_dir, None, platform)
         self.vocab_size = self.cfg.vocab_size
         self.max_length = self.cfg.max_position_embeddings
 

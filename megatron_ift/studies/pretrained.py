@@ -34,7 +34,7 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -210,7 +210,7 @@ def measure_ratio(base_cfg: str, work: str, ift: dict, steps: int, threads: int,
         run_dir = os.path.join(work, "calibration", name)
         shutil.rmtree(run_dir, ignore_errors=True)
         train_run(base_cfg, run_dir, point, 0, threads, (f"train.steps={steps}",
-                                                        f"optimizer.lr_warmup_steps=1"))
+                                                        "optimizer.lr_warmup_steps=1"))
         times[name] = _median_step_time(run_dir)
         _drop_checkpoints(run_dir)
     ratio = times["IFT"] / times["SFT"]
@@ -219,7 +219,8 @@ def measure_ratio(base_cfg: str, work: str, ift: dict, steps: int, threads: int,
             "timed_steps": steps - 1}
 
 
-def _eval_all(tasks: dict, path: str, tokenizer_dir: str, cache: str, batch: int) -> tuple[dict, float]:
+def _eval_all(tasks: dict, path: str, tokenizer_dir: str, cache: str, batch: int,
+              platform) -> tuple[dict, float]:
     """Every task's evaluation of one checkpoint (cached in ``cache``); ``(results, seconds)``."""
     from megatron_ift.studies.chat_model import ChatModel
 
@@ -227,7 +228,7 @@ def _eval_all(tasks: dict, path: str, tokenizer_dir: str, cache: str, batch: int
         with open(cache, encoding="utf-8") as fh:
             return json.load(fh), 0.0
     t = time.perf_counter()
-    model = ChatModel(path, tokenizer_dir, batch_size=batch)
+    model = ChatModel(path, platform, tokenizer_dir, batch_size=batch)
     out = {name: task.evaluate(model) for name, task in tasks.items()}
     del model
     gc.collect()
@@ -236,7 +237,7 @@ def _eval_all(tasks: dict, path: str, tokenizer_dir: str, cache: str, batch: int
     return out, time.perf_counter() - t
 
 
-def run_pretrained(config_path: str, args, log: Callable[[str], None]) -> dict[str, Any]:
+def run_pretrained(config_path: str, args, log: Callable[[str], None], platform) -> dict[str, Any]:
     """A pretrained study config: base scores, the step-time ratio, IFT and SFT runs.
 
     Args:
@@ -281,7 +282,8 @@ def run_pretrained(config_path: str, args, log: Callable[[str], None]) -> dict[s
     log(f"prepared: {facts}")
     batch = int(study.get("eval_batch_size", 32))
 
-    base_eval, base_s = _eval_all(tasks, base, tokenizer_dir, os.path.join(work, "base_eval.json"), batch)
+    base_eval, base_s = _eval_all(tasks, base, tokenizer_dir, os.path.join(work, "base_eval.json"),
+                                  batch, platform)
     for name, task in tasks.items():
         log(f"[{name}] base model: " + _fmt(headline(task.kind, base_eval[name])))
     log(f"base evaluation took {base_s:.0f}s")
@@ -322,7 +324,7 @@ def run_pretrained(config_path: str, args, log: Callable[[str], None]) -> dict[s
             key = "ift" if point.method == "IFT" else ("sft_steps" if at == steps else "sft_compute")
             ckpt = os.path.join(run_dir, layout.iter_name(at))
             result, eval_s = _eval_all(tasks, ckpt, tokenizer_dir,
-                                       os.path.join(run_dir, f"study_eval_{at}.json"), batch)
+                                       os.path.join(run_dir, f"study_eval_{at}.json"), batch, platform)
             keys = [key] + (["sft_compute"] if point.method == "SFT" and sft_steps == steps else [])
             for k in keys:
                 for name, task in tasks.items():

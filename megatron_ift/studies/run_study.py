@@ -24,7 +24,7 @@ import concurrent.futures
 import copy
 import json
 import os
-import platform
+import platform as host
 import shutil
 import sys
 import time
@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from megatron_ift.config_io import set_dotted
+from megatron_ift.platform import bootstrap
 from megatron_ift.studies.runs import (  # noqa: F401  (re-exported: the studies' public helpers)
     PACKAGE_PARENT,
     Point,
@@ -57,7 +58,7 @@ QUICK_CONFIGS = ("frozen_lake",)
 PRETRAINED_CONFIGS = ("smollm2",)
 
 
-def run_task(config_path: str, args, log) -> dict[str, Any]:
+def run_task(config_path: str, args, log, platform) -> dict[str, Any]:
     """One from-scratch study config: data, baselines, every (point, seed) run, evaluations.
 
     Returns:
@@ -106,7 +107,7 @@ def run_task(config_path: str, args, log) -> dict[str, Any]:
                 with open(cached, encoding="utf-8") as fh:
                     result = json.load(fh)
             else:
-                result = task.evaluate(run_dir)
+                result = task.evaluate(run_dir, platform)
                 with open(cached, "w", encoding="utf-8") as fh:
                     json.dump(result, fh)
             eval_s = time.perf_counter() - t
@@ -154,9 +155,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="keep completed runs found in the work dir instead of retraining")
     args = parser.parse_args(argv)
+    # The study drivers evaluate checkpoints in this process; training runs are subprocesses
+    # (each bootstraps its own platform).
+    compute = bootstrap()
     cpus = os.cpu_count() or 1
     if args.pretrained:
-        return _main_pretrained(args, parser)
+        return _main_pretrained(args, parser, compute)
     args.jobs = args.jobs or min(4, cpus)
     args.threads = args.threads or max(1, cpus // args.jobs)
     if args.jobs < 1 or args.threads < 1:
@@ -184,13 +188,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: dict[str, Any] = {
         "command": "python -m megatron_ift.studies.run_study" + (" --quick" if args.quick else ""),
         "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__,
+        "machine": {"cpu_count": os.cpu_count(), "platform": host.platform(),
+                    "python": host.python_version(), "torch": torch.__version__,
                     "threads": args.threads, "jobs": args.jobs},
         "tasks": {},
     }
     for cfg in configs:
-        task = run_task(cfg, args, log)
+        task = run_task(cfg, args, log, compute)
         results["tasks"][task["study"]["task"]] = task
     results["wall_s"] = time.perf_counter() - start
     _publish(results, out, doc)
@@ -201,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _main_pretrained(args, parser) -> int:
+def _main_pretrained(args, parser, compute) -> int:
     """The pretrained study: one config at a time, one training run at a time (each run uses
     every core), results under ``docs/study/pretrained``."""
     import torch
@@ -236,13 +240,13 @@ def _main_pretrained(args, parser) -> int:
 
     start = time.perf_counter()
     for cfg in configs:
-        results = pretrained.run_pretrained(cfg, args, log)
+        results = pretrained.run_pretrained(cfg, args, log, compute)
         results.update({
             "command": "python -m megatron_ift.studies.run_study --pretrained"
                        + (f" --configs {portable_paths(cfg, PACKAGE_PARENT)}" if args.configs else ""),
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - (time.perf_counter() - start))),
-            "machine": {"cpu_count": cpus, "platform": platform.platform(),
-                        "python": platform.python_version(), "torch": torch.__version__,
+            "machine": {"cpu_count": cpus, "platform": host.platform(),
+                        "python": host.python_version(), "torch": torch.__version__,
                         "threads": args.threads, "jobs": 1},
             "train_config": portable_paths(results["train_config"], args.work_dir),
         })

@@ -97,12 +97,12 @@ class FrozenLakeTask:
                          for split, maps in self.eval_maps.items()}
         return out
 
-    def evaluate(self, run_dir: str) -> dict[str, Any]:
+    def evaluate(self, run_dir: str, platform) -> dict[str, Any]:
         import torch
 
         from megatron_ift.studies.generate import LoadedModel, frozen_lake_policy
 
-        model = LoadedModel(run_dir)
+        model = LoadedModel(run_dir, platform)
         policy = frozen_lake_policy(model)
         out: dict[str, Any] = {split: self.fl.evaluate_batched(policy, maps, **self._eval_kwargs()).as_dict()
                                for split, maps in self.eval_maps.items()}
@@ -149,12 +149,12 @@ class ArithmeticTask:
     def baselines(self) -> dict[str, dict]:
         return {}
 
-    def evaluate(self, run_dir: str) -> dict[str, Any]:
+    def evaluate(self, run_dir: str, platform) -> dict[str, Any]:
         from megatron_ift.data import load_tokenizer
         from megatron_ift.studies import tasks
         from megatron_ift.studies.generate import LoadedModel
 
-        model = LoadedModel(run_dir)
+        model = LoadedModel(run_dir, platform)
         tok = load_tokenizer(self.tokenizer_path)
         return tasks.evaluate(model, tok, self.items, int(self.study.get("max_new_tokens", 24)))
 

@@ -7,8 +7,8 @@ sampling estimators are counter-based), so a resumed run repeats the uninterrupt
 
 The megatron-core 0.16.1 behaviours worked around on the way (the distributed optimizer's
 sharding type, Adam's ``step`` entries, the two-call optimizer load, checkpoint writer processes
-that outlive a killed trainer) are in :mod:`megatron_ift.mcore_compat`, each with a test of the
-upstream behaviour. Handled here: a distributed-optimizer checkpoint cannot be loaded into a
+that outlive a killed trainer: installed by :func:`megatron_ift.platform.bootstrap`) are in
+:mod:`megatron_ift.mcore_compat`, each with a test of the upstream behaviour. Handled here: a distributed-optimizer checkpoint cannot be loaded into a
 non-distributed optimizer (or the reverse): detected from the metadata and refused with an
 explanation; torch's distributed-checkpoint ``CheckpointException`` derives from
 ``BaseException``, so it is caught by name to report the folder.
@@ -26,22 +26,21 @@ from megatron.core import dist_checkpointing
 
 from megatron_ift.checkpoint import layout
 from megatron_ift.checkpoint.layout import CheckpointError
-from megatron_ift.checkpoint.model_io import LOAD_ERRORS, apply_model_state, model_sharded_state_dict
+from megatron_ift.checkpoint.model_io import (
+    LOAD_ERRORS,
+    apply_model_state,
+    load_model,
+    model_sharded_state_dict,
+)
+from megatron_ift.distributed import rank as _rank
 from megatron_ift.mcore_compat import (
     DISTRIB_OPTIM_SHARDING,
     init_optimizer_state,
     load_optimizer_state,
-    make_checkpoint_children_die_with_parent,
     pop_adam_steps,
     restore_adam_steps,
     torch_optimizers,
 )
-
-make_checkpoint_children_die_with_parent()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -219,8 +218,6 @@ def _cause(exc: BaseException) -> str:
 
 def load_pretrained(ckpt_dir: str, chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
     """Model weights only (a converted Hugging Face model or another run's checkpoint)."""
-    from megatron_ift.checkpoint.model_io import load_model
-
     meta = layout.read_metadata(ckpt_dir)
     load_model(chunks, ckpt_dir)
     return meta

@@ -6,6 +6,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
+from megatron_ift.checkpoint.architecture import (
+    check_checkpoint_architecture,
+    model_section_from_checkpoint,
+    recorded_model,
+)
+from megatron_ift.checkpoint.layout import CheckpointError
 from megatron_ift.config_io import apply_overrides, check_literals, from_dict, load_yaml
 from megatron_ift.data.config import DataConfig
 from megatron_ift.ift.config import IFTConfig
@@ -201,6 +207,12 @@ class RunConfig:
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
         warmup_steps(self.optimizer, self.train.steps)
+        self.ift.check_vocab(self.model.vocab_size)
+        if self.fp8.param_gather and not self.parallel.use_distributed_optimizer:
+            raise ConfigError(
+                "fp8.param_gather=true needs parallel.use_distributed_optimizer=true: FP8 weights are "
+                "gathered by the distributed optimizer from its fp32 shards (Megatron-LM refuses the "
+                "combination too); turn the distributed optimizer on or set fp8.param_gather=false")
         self.parallel.check_model(
             self.model.num_layers, self.model.num_attention_heads, self.model.query_groups
         )
@@ -217,31 +229,6 @@ class RunConfig:
             )
         return dp
 
-    def check_hardware(self) -> None:
-        """FP8 / Transformer Engine asked for where they cannot run: refuse before building."""
-        from megatron_ift.models.fp8 import check_fp8_supported
-        from megatron_ift.models.gpt import resolve_transformer_impl
-
-        import torch
-
-        if self.parallel.backend == "nccl" and not torch.cuda.is_available():
-            raise ConfigError(
-                "parallel.backend=nccl needs CUDA GPUs and this machine has none; use "
-                "parallel.backend=auto (gloo on CPU) or run on GPU nodes"
-            )
-        impl = resolve_transformer_impl(self.model)  # raises if TE is asked for and missing
-        if impl == "transformer_engine" and self.data.packing and self.train.micro_batch_size != 1:
-            raise ConfigError(
-                "data.packing=true with model.transformer_impl=transformer_engine sends packed rows "
-                "to TE's fused attention as THD sequences, which needs train.micro_batch_size=1 "
-                f"(got {self.train.micro_batch_size}); set it to 1 (gradient accumulation keeps the "
-                "global batch) or model.transformer_impl=local"
-            )
-        if self.fp8.enabled:
-            check_fp8_supported(self.fp8)
-            if impl != "transformer_engine":
-                raise ConfigError("fp8.enabled=true needs model.transformer_impl=transformer_engine (or auto)")
-
     def check_paths(self) -> None:
         """Input files exist (before anything expensive)."""
         for p in self.data.paths:
@@ -256,12 +243,6 @@ class RunConfig:
         if self.checkpoint.pretrained:
             if not os.path.exists(self.checkpoint.pretrained):
                 raise ConfigError(f"checkpoint.pretrained: {self.checkpoint.pretrained} does not exist")
-            from megatron_ift.checkpoint.architecture import (
-                check_checkpoint_architecture,
-                recorded_model,
-            )
-            from megatron_ift.checkpoint.layout import CheckpointError
-
             try:  # a rope base or norm eps changes no shape: refuse before loading silently
                 ckpt, _ = recorded_model(self.checkpoint.pretrained)
                 check_checkpoint_architecture(ckpt, self.model)
@@ -277,8 +258,6 @@ def resolve_model_section(data: dict) -> dict:
     naming each). Without one (or when the path is not there yet and ``model:`` is given, as in
     a preset validated before its import exists) the section is used as written.
     """
-    from megatron_ift.checkpoint.architecture import model_section_from_checkpoint
-
     pretrained = (data.get("checkpoint") or {}).get("pretrained")
     user = data.get("model")
     if user is not None and not isinstance(user, dict):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -12,10 +11,10 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ift.device import once_per_step
 from megatron_ift.models.config import ModelConfig
 from megatron_ift.models.gpt import build_gpt_chunks, transformer_config
 from megatron_ift.parallel import ParallelConfig
+from megatron_ift.platform import Platform
 from megatron_ift.training.frozen_embedding import freeze_input_embedding
 # OptimizerConfig lives with the other config sections (importing it needs no megatron-core);
 # it is re-exported here for the callers that build an optimizer.
@@ -25,6 +24,7 @@ from megatron_ift.training.config import OptimizerConfig, warmup_steps  # noqa: 
 def build_model(
     model: ModelConfig,
     parallel: ParallelConfig,
+    platform: Platform,
     *,
     mixing_embeddings: str = "live",
     transformer_overrides: Optional[dict[str, Any]] = None,
@@ -32,6 +32,7 @@ def build_model(
     """This rank's chunks wrapped in megatron-core DDP, and their ``TransformerConfig``.
 
     Args:
+        platform: the compute device and kernels (layer spec, fusions).
         mixing_embeddings: ``IFTConfig.mixing_embeddings`` of the steps the model will run;
             ``detached`` freezes an untied input embedding
             (:mod:`megatron_ift.training.frozen_embedding`).
@@ -41,12 +42,12 @@ def build_model(
         ``(chunks, config)``; ``config`` is wired for the step: losses are ``(sum, count)``
         (``calculate_per_token_loss``), gradients finalised once per step.
     """
-    config = transformer_config(model, parallel, **(transformer_overrides or {}))
+    config = transformer_config(model, parallel, platform, **(transformer_overrides or {}))
     # Every loss function of the project returns (sum, count) (IFTStep's, and the SFT limit's):
     # the schedule must not rescale it, and finalize_model_grads divides the gradients by the
     # count summed over micro-batches and data-parallel ranks. Set here, once, for every step.
     config.calculate_per_token_loss = True
-    chunks = build_gpt_chunks(model, parallel, config)
+    chunks = build_gpt_chunks(model, parallel, platform, config)
     freeze_input_embedding(chunks, mixing_embeddings)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -70,7 +71,7 @@ def build_model(
     config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     # megatron-core runs it inside the schedule, once per step, after the last micro-batch; it
     # reads the global token count on the host (`if num_tokens > 0`), its one sync per step.
-    config.finalize_model_grads_func = once_per_step(finalize_model_grads)
+    config.finalize_model_grads_func = platform.once_per_step(finalize_model_grads)
     if parallel.overlap_grad_reduce:
         config.grad_sync_func = [w.start_grad_sync for w in wrapped]
         if len(wrapped) == 1:

@@ -7,8 +7,6 @@ can be compared with the utilisation a plan assumed.
 
 from __future__ import annotations
 
-import resource
-
 from megatron_ift.models.config import ModelConfig
 
 
@@ -52,15 +50,6 @@ def step_flops(model: ModelConfig, *, global_batch_size: int, seq_length: int,
     """
     forward_units = 3 + (1 if estimation_pass else 0) + (1 if full_recompute else 0)
     return global_batch_size * seq_length * forward_flops_per_token(model, seq_length) * forward_units
-
-
-def peak_memory_gb() -> float:
-    """Peak memory of this process: allocated GPU memory, or the CPU's peak resident set."""
-    import torch  # here: the planner imports this module and needs no torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def throughput(model: ModelConfig, *, global_batch_size: int, seq_length: int, seconds: float,

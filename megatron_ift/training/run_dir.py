@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -212,8 +213,6 @@ def check_run_directory(cfg) -> Optional[str]:
 
 def delete_checkpoints(root: str) -> None:
     """Remove every checkpoint and the ``latest`` / ``COMPLETED`` markers under ``root``."""
-    import shutil
-
     for _, path in layout.list_checkpoints(root):
         shutil.rmtree(path)
     for name in (layout.LATEST, layout.COMPLETED):

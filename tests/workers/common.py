@@ -1,20 +1,24 @@
-"""Shared set-up for spawned test workers: CPU compat, process groups, a tiny model."""
+"""Shared set-up for spawned test workers: the platform, process groups, a tiny model.
+
+Importing this module bootstraps the worker's platform (the CPU layer, or the emulated CUDA
+device with ``MEGATRON_IFT_EMULATE_CUDA=1``): a worker is an entry point. ``PLATFORM`` is it.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 
-from megatron_ift import cpu_compat, emulated_cuda
+from megatron_ift.platform import bootstrap
 
-if not emulated_cuda.active():  # a worker may switch the emulated GPU on before importing this
-    cpu_compat.enable()
+PLATFORM = bootstrap()
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron_ift.data.batch import Batch  # noqa: E402
+from megatron_ift.distributed import init_distributed, model_parallel_seed  # noqa: E402
 from megatron_ift.models.config import ModelConfig  # noqa: E402
-from megatron_ift.parallel import ParallelConfig, init_distributed, model_parallel_seed  # noqa: E402
+from megatron_ift.parallel import ParallelConfig  # noqa: E402
 
 
 def tiny_model(**overrides) -> ModelConfig:
@@ -32,8 +36,8 @@ def setup(tp=1, pp=1, vpp=None, sp=False, seed=1234, **kw) -> ParallelConfig:
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp, **kw,
     )
-    init_distributed(par)
-    model_parallel_seed(seed)  # megatron's CUDA tracker (emulated GPU) or the CPU stand-in
+    init_distributed(par, PLATFORM)
+    model_parallel_seed(seed, PLATFORM)
     return par
 
 
@@ -55,8 +59,8 @@ def make_global_batch(num_samples: int, seq: int, vocab: int, seed: int = 0, pac
             restart per segment; a segment's last position trains nothing, its label being the
             next segment's first token), as :mod:`megatron_ift.data.packing` builds them.
 
-    Returns a dict of tensors ``[num_samples, seq]`` (Megatron convention: labels = tokens
-    shifted left, loss_mask over labels).
+    Returns a :class:`~megatron_ift.data.batch.Batch` of ``num_samples`` rows (Megatron
+    convention: labels = tokens shifted left, loss_mask over labels).
     """
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (num_samples, seq + 1), generator=g)
@@ -80,27 +84,21 @@ def make_global_batch(num_samples: int, seq: int, vocab: int, seed: int = 0, pac
                 loss_mask[i, lo + prompt - 1 : hi - 1] = 1.0
     if num_samples > 1:
         loss_mask[1] = 0.0  # an all-prompt row: n = 0
-    batch = {
-        "tokens": tokens[:, :-1].contiguous(),
-        "labels": tokens[:, 1:].contiguous(),
-        "loss_mask": loss_mask,
-        "position_ids": position_ids,
-        "sample_ids": torch.arange(num_samples),
-    }
-    if packed:
-        batch["segment_ids"] = segment_ids
-    return batch
+    return Batch(
+        tokens=tokens[:, :-1].contiguous(),
+        labels=tokens[:, 1:].contiguous(),
+        loss_mask=loss_mask,
+        position_ids=position_ids,
+        sample_ids=torch.arange(num_samples),
+        segment_ids=segment_ids if packed else None,
+    )
 
 
 def split_microbatches(batch, dp_rank: int, dp_size: int, mbs: int):
     """This DP rank's micro-batches: the global batch is split into contiguous DP slices."""
-    n = batch["tokens"].shape[0]
-    per_rank = n // dp_size
+    per_rank = batch.shape[0] // dp_size
     lo = dp_rank * per_rank
-    out = []
-    for start in range(lo, lo + per_rank, mbs):
-        out.append({k: v[start : start + mbs] for k, v in batch.items()})
-    return out
+    return [batch.rows(start, start + mbs) for start in range(lo, lo + per_rank, mbs)]
 
 
 def save_grads_as_model(chunks, path: str) -> None:

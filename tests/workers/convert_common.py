@@ -5,7 +5,7 @@ import dataclasses
 import json
 import os
 
-from common import setup
+from common import PLATFORM, setup
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,7 @@ def run_spec(spec: dict) -> None:
             ckpt = resolve(job["ckpt"])
             meta = read_metadata(ckpt)
             model = dataclasses.replace(ModelConfig(**meta["model"]), transformer_impl="local")
-            chunks = build_gpt_chunks(model, par)
+            chunks = build_gpt_chunks(model, par, PLATFORM)
             load_model(chunks, ckpt)
             if spec.get("keys_out") and n == 0 and j == 0 and dist.get_rank() == 0:
                 with open(spec["keys_out"], "w") as f:

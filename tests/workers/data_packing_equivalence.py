@@ -1,8 +1,8 @@
 """Packed vs one-by-one: the same per-sample IFT losses and gradients (tiny megatron-core GPT).
 
-Run as ``python tests/workers/data_packing_equivalence.py IN.pt OUT.json`` (one process:
-torch.distributed and the CPU compatibility layer are per process). ``IN.pt`` holds a packed
-micro-batch and the same samples as one-sample micro-batches, in segment order (made by
+Run as ``python tests/workers/data_packing_equivalence.py IN.pt OUT.json`` (one process).
+``IN.pt`` holds a packed micro-batch and the same samples as one-sample micro-batches, in segment
+order, as the fields of :class:`~megatron_ift.data.batch.Batch` (made by
 tests/test_data_packing_model.py from the shipped data). For RoPE and learned absolute position
 embeddings, the full IFT step (greedy estimation pass, estimated sequence, lambda-mixed
 embeddings, weighted loss with gamma 0.95 / lambda 0.2) runs on both, and the per-sample losses
@@ -12,32 +12,38 @@ and summed gradients are compared; the results are written as JSON for the test 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+from megatron_ift.platform import bootstrap
+
+PLATFORM = bootstrap()
+
+import torch  # noqa: E402
+from vocab_parallel import label_logprobs  # noqa: E402
+
+from megatron_ift.data import packed_attention_mask  # noqa: E402
+from megatron_ift.data.batch import Batch  # noqa: E402
+from megatron_ift.data.packing import causal_attention_mask  # noqa: E402
+from megatron_ift.distributed import destroy_distributed, init_distributed, model_parallel_seed  # noqa: E402
+from megatron_ift.ift import (  # noqa: E402
+    Groups,
+    IFTConfig,
+    estimate,
+    estimated_sequence,
+    propagation_weights,
+)
+from megatron_ift.models.config import ModelConfig  # noqa: E402
+from megatron_ift.models.gpt import build_gpt_chunks  # noqa: E402
+from megatron_ift.parallel import ParallelConfig  # noqa: E402
 
 LAMBDA = 0.2
 
 
-def ift_step(model, batch, mask, vocab, *, global_positions=False):
+def ift_step(model, batch: Batch, mask, vocab, *, global_positions=False):
     """Per-sample IFT losses ``[num_samples]`` (in row/segment order) of one micro-batch."""
-    import torch
-
-    from megatron_ift.ift import (
-        Groups,
-        IFTConfig,
-        estimate,
-        estimated_sequence,
-        label_logprobs,
-        propagation_weights,
-    )
-
     cfg = IFTConfig(gamma=0.95, max_lambda=LAMBDA)
-    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-    seg = batch.get("segment_ids")
-    pos = batch["position_ids"]
+    tokens, labels, loss_mask, seg = batch.tokens, batch.labels, batch.loss_mask, batch.segment_ids
+    pos = batch.position_ids
     if global_positions:
         pos = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
     with torch.no_grad():
@@ -57,18 +63,9 @@ def ift_step(model, batch, mask, vocab, *, global_positions=False):
     return per_group[keep], est, xhat
 
 
-def run_variant(position_embedding_type: str, packed: dict, unpacked: list, vocab: int) -> dict:
-    import torch
-
-    from megatron_ift import cpu_compat
-    from megatron_ift.data import packed_attention_mask
-    from megatron_ift.data.packing import causal_attention_mask
-    from megatron_ift.models.config import ModelConfig
-    from megatron_ift.models.gpt import build_gpt_chunks
-    from megatron_ift.parallel import ParallelConfig
-
-    b, s = packed["tokens"].shape
-    cpu_compat.model_parallel_seed(1)
+def run_variant(position_embedding_type: str, packed: Batch, unpacked: list, vocab: int) -> dict:
+    b, s = packed.shape
+    model_parallel_seed(1, PLATFORM)
     (model,) = build_gpt_chunks(
         ModelConfig(
             num_layers=2,
@@ -81,6 +78,7 @@ def run_variant(position_embedding_type: str, packed: dict, unpacked: list, voca
             position_embedding_type=position_embedding_type,
         ),
         ParallelConfig(),
+        PLATFORM,
     )
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -100,7 +98,7 @@ def run_variant(position_embedding_type: str, packed: dict, unpacked: list, voca
         for acc, g in zip(ref_grads, grads_of(losses.sum())):
             acc += g
     ref_losses = torch.cat(ref_losses)
-    mask = packed_attention_mask(packed["segment_ids"])
+    mask = packed_attention_mask(packed.segment_ids)
     out = {}
 
     def compare(name, **kw):
@@ -127,18 +125,13 @@ def run_variant(position_embedding_type: str, packed: dict, unpacked: list, voca
 
 def main(in_path: str, out_path: str) -> None:
     """Read the batches the test prepared (``torch.save``), write the comparison as JSON."""
-    from megatron_ift import cpu_compat
-
-    cpu_compat.enable()
-    import torch
-
-    from megatron_ift.parallel import ParallelConfig, destroy_distributed, init_distributed
-
     inputs = torch.load(in_path)
-    init_distributed(ParallelConfig())
+    packed = Batch(**inputs["packed"])
+    unpacked = [Batch(**u) for u in inputs["unpacked"]]
+    init_distributed(ParallelConfig(), PLATFORM)
     try:
         results = {
-            t: run_variant(t, inputs["packed"], inputs["unpacked"], inputs["vocab"])
+            t: run_variant(t, packed, unpacked, inputs["vocab"])
             for t in ("rope", "learned_absolute")
         }
         with open(out_path, "w") as fh:

@@ -10,10 +10,11 @@ import json
 import sys
 
 from megatron_ift import emulated_cuda
+from megatron_ift.platform import bootstrap
 
-emulated_cuda.enable()
+bootstrap(emulate="1")
 
-from common import make_global_batch, setup, split_microbatches, tiny_model  # noqa: E402
+from common import PLATFORM, make_global_batch, setup, split_microbatches, tiny_model  # noqa: E402
 
 from megatron_ift.ift import IFTConfig  # noqa: E402
 from megatron_ift.training.engine import OptimizerConfig, build_model, build_optimizer  # noqa: E402
@@ -23,7 +24,7 @@ from megatron_ift.training.step import IFTStep  # noqa: E402
 def main() -> None:
     par = setup()
     model = tiny_model()
-    chunks, tconfig = build_model(model, par)
+    chunks, tconfig = build_model(model, par, PLATFORM)
     optimizer = build_optimizer(chunks, OptimizerConfig(lr=1e-3), model, par, tconfig)
     batch = make_global_batch(8, 16, model.vocab_size, seed=3)
     print(json.dumps({e: count(e, chunks, optimizer, model, batch) for e in sys.argv[1:]}), flush=True)
@@ -34,7 +35,7 @@ def count(estimator, chunks, optimizer, model, batch) -> dict:
     counts = {}
     for m in (2, 4):
         step_fn = IFTStep(chunks, IFTConfig(estimator=estimator, **extra), model.vocab_size, seq_length=16,
-                          micro_batch_size=8 // m)
+                          micro_batch_size=8 // m, platform=PLATFORM)
         mbs = split_microbatches(batch, 0, 1, 8 // m)
         counts[str(m)] = []
         for step in range(2):

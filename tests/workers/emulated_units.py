@@ -7,8 +7,9 @@ import json
 import os
 
 from megatron_ift import emulated_cuda
+from megatron_ift.platform import bootstrap
 
-emulated_cuda.enable()
+PLATFORM = bootstrap(emulate="1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -5,7 +5,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_ift.ift import IFTConfig, estimate, label_logprobs, label_logprobs_no_grad
+from megatron_ift.ift import IFTConfig, estimate, label_logprobs_no_grad
+from vocab_parallel import label_logprobs
 
 
 def main():

@@ -14,9 +14,9 @@ import signal
 import sys
 import time
 
-from megatron_ift.parallel import use_cpu_compat_without_cuda
+from megatron_ift.platform import bootstrap
 
-use_cpu_compat_without_cuda()
+bootstrap()
 
 from megatron.core.dist_checkpointing.strategies import filesystem_async  # noqa: E402
 

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from common import make_global_batch, setup, split_microbatches, tiny_model
+from common import PLATFORM, make_global_batch, setup, split_microbatches, tiny_model
 
 import torch
 from megatron.core import dist_checkpointing
@@ -30,13 +30,14 @@ def _error(fn) -> str:
 
 def _build(par):
     model = tiny_model()
-    chunks, config = build_model(model, par)
+    chunks, config = build_model(model, par, PLATFORM)
     return model, chunks, build_optimizer(chunks, OptimizerConfig(lr=1e-3), model, par, config)
 
 
 def _train_one_step(model, chunks, optimizer):
     batch = make_global_batch(4, 16, model.vocab_size, seed=1)
-    step = IFTStep(chunks, IFTConfig(), model.vocab_size, seq_length=16, micro_batch_size=2)
+    step = IFTStep(chunks, IFTConfig(), model.vocab_size, seq_length=16, micro_batch_size=2,
+                   platform=PLATFORM)
     step(split_microbatches(batch, 0, 1, 2), step=0)
     optimizer.step()
 

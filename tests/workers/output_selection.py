@@ -1,83 +1,78 @@
-"""Output-layer position selection at TP 2, with and without sequence parallelism: the selected
-logits equal the full forward's logits at those positions; an empty selection runs one dummy
-entry; the hook leaves the layer as it found it. With gradients (the optimisation pass), at
-TP 1, TP 2 and TP 2 + SP, float64 and float32: the IFT loss from the selected logits and every
-parameter gradient equal the full-logits path's."""
+"""IFTGPTModel's entry points against megatron-core's own GPTModel path.
+
+At TP 2 with and without sequence parallelism (dropout on): the embedding stage on the table's
+own lookup equals ``GPTModel.embedding`` bit for bit; the hidden states of chosen positions
+through the output weight equal megatron's logits there; an empty selection (one dummy entry)
+runs. With gradients, at TP 1, TP 2 and TP 2 + SP, float64 and float32: the IFT loss from the
+selected positions (unfused: the output weight applied to the selected rows; fused: the chunked
+log-probs) and every parameter gradient equal the full-logits path's.
+"""
 
 import sys
 
-from common import dump, make_global_batch, setup, tiny_model
+from common import PLATFORM, dump, make_global_batch, setup, tiny_model
 
 import torch
 from megatron.core import parallel_state
+from vocab_parallel import label_logprobs
 
 from megatron_ift.checkpoint.model_io import unwrap
 from megatron_ift.data.packing import attention_mask
-from megatron_ift.ift import Groups, IFTConfig, ift_loss_terms, label_logprobs
+from megatron_ift.distributed import model_parallel_seed
+from megatron_ift.ift import Groups, IFTConfig, ift_loss_terms, linear_label_logprobs
 from megatron_ift.models.gpt import build_gpt_chunks, transformer_config
 from megatron_ift.training.engine import build_model
-from megatron_ift.ift.logprobs import linear_label_logprobs
-from megatron_ift.training.output_selection import (
-    PositionSelection,
-    fused_output_positions,
-    selected_output_positions,
-)
+from megatron_ift.training.microbatch import PositionSelection
 
 
 def check(sp: bool) -> dict:
-    chunks, _ = build_model(tiny_model(), setup(tp=2, sp=sp))
+    chunks, _ = build_model(tiny_model(hidden_dropout=0.2), setup(tp=2, sp=sp), PLATFORM)
     model = unwrap(chunks[0])
-    model.eval()
     batch = make_global_batch(4, 16, 60, seed=4)
-    args = (batch["tokens"], batch["position_ids"], attention_mask(batch))
-    group = parallel_state.get_tensor_model_parallel_group()
+    args = (batch.tokens, batch.position_ids, attention_mask(batch.segment_ids))
+    model.train()
+    model_parallel_seed(7, PLATFORM)
+    theirs = model.embedding(input_ids=batch.tokens, position_ids=batch.position_ids)
+    model_parallel_seed(7, PLATFORM)
+    ours = model.embedding_stage(model.embed_tokens(batch.tokens), batch.position_ids)
+    model.eval()
     with torch.no_grad():
         full = model(*args)  # [b, s, v/tp]
-        sel = PositionSelection.from_mask(batch["loss_mask"])
-        with selected_output_positions(model, sel, group):
-            picked = model(*args)  # [1, n, v/tp]
-        empty = PositionSelection.from_mask(torch.zeros_like(batch["loss_mask"]))
-        with selected_output_positions(model, empty, group):
-            dummy = model(*args)
-        after = model(*args)
+        sel = PositionSelection.from_mask(batch.loss_mask)
+        picked = model.output_logits(model.hidden_states(*args, positions=sel.seq_first_index()))
+        empty = PositionSelection.from_mask(torch.zeros_like(batch.loss_mask))
+        dummy = model.output_logits(model.hidden_states(*args, positions=empty.seq_first_index()))
     expected = full[sel.rows, sel.cols]
     out = {
+        "embedding_equal": bool(torch.equal(theirs, ours)),
         "n": int(sel.rows.numel()),
-        "trained": int(batch["loss_mask"].sum()),
+        "trained": int(batch.loss_mask.sum()),
         "shape": list(picked.shape),
-        "max_err": float((picked[0] - expected).abs().max()),
+        "max_err": float((picked - expected).abs().max()),
         "scale": float(expected.abs().max()),
-        "empty": [empty.empty, list(dummy.shape), float((dummy[0, 0] - full[0, 0]).abs().max())],
-        "after_err": float((after - full).abs().max()),
-        "sp_restored": model.output_layer.sequence_parallel == sp,
-        "hooks_left": len(model.output_layer._forward_pre_hooks),
+        "empty": [empty.empty, list(dummy.shape), float((dummy[0] - full[0, 0]).abs().max())],
         "scatter_ok": bool(torch.equal(
-            sel.scatter(batch["labels"][sel.rows, sel.cols], torch.zeros_like(batch["labels"]))[
-                batch["loss_mask"].bool()], batch["labels"][batch["loss_mask"].bool()])),
+            sel.scatter(batch.labels[sel.rows, sel.cols], torch.zeros_like(batch.labels))[
+                batch.loss_mask.bool()], batch.labels[batch.loss_mask.bool()])),
     }
     parallel_state.destroy_model_parallel()
     return out
 
 
-def _loss(model, batch, group, cfg, path: str):
-    args = (batch["tokens"], batch["position_ids"], attention_mask(batch))
-    mask = batch["loss_mask"]
+def _loss(model, batch, mask, group, cfg, path: str):
+    args = (batch.tokens, batch.position_ids, attention_mask(batch.segment_ids))
     sel = PositionSelection.from_mask(mask)
-    if path == "selected":
-        with selected_output_positions(model, sel, group):
-            logits = model(*args)  # [1, n, v/tp]
-        picked = label_logprobs(logits[0], batch["labels"][sel.rows, sel.cols], group)
-        logps = sel.scatter_grad(picked)
-    elif path == "fused":  # output layer fused with the log-probs, 5 positions per chunk
-        with fused_output_positions(model, sel, group) as inputs:
-            empty = model(*args)
-        assert empty.shape[:2] == (1, 0), empty.shape
-        picked = linear_label_logprobs(inputs.hidden, inputs.weight,
-                                       batch["labels"][sel.rows, sel.cols], group, chunk_size=5)
-        logps = sel.scatter_grad(picked)
+    labels = batch.labels[sel.rows, sel.cols]
+    if path == "full":
+        logps = label_logprobs(model(*args), batch.labels, group)  # [b, s]
     else:
-        logps = label_logprobs(model(*args), batch["labels"], group)  # [b, s]
-    terms = ift_loss_terms(logps, mask, cfg, Groups.build(mask, batch.get("segment_ids")))
+        rows = model.hidden_states(*args, positions=sel.seq_first_index())  # [n, h]
+        if path == "selected":  # the output weight on the selected rows, then the log-probs
+            picked = label_logprobs(rows @ model.output_weight().t(), labels, group)
+        else:  # fused with the log-probs, 5 positions per chunk
+            picked = linear_label_logprobs(rows, model.output_weight(), labels, group, chunk_size=5)
+        logps = sel.scatter_grad(picked)
+    terms = ift_loss_terms(logps, mask, cfg, Groups.build(mask, batch.segment_ids))
     return terms.loss / terms.count.clamp(min=1)
 
 
@@ -87,18 +82,18 @@ def check_grad(tp: int, sp: bool) -> dict:
     out = {}
     for dtype in (torch.float64, torch.float32):
         mcfg = tiny_model(tie_embeddings=dtype == torch.float64)  # tied and untied output layers
-        (model,) = build_gpt_chunks(mcfg, par, transformer_config(mcfg, par, params_dtype=dtype))
+        (model,) = build_gpt_chunks(mcfg, par, PLATFORM,
+                                    transformer_config(mcfg, par, PLATFORM, params_dtype=dtype))
         batch = make_global_batch(4, 16, 60, seed=5)
         for name, cfg, mask in (
-            ("ift", IFTConfig(gamma=0.95), batch["loss_mask"]),
-            ("sft_token_mean", IFTConfig(max_lambda=0.0, gamma=0.0, aggregation="token_mean"), batch["loss_mask"]),
-            ("all_prompt", IFTConfig(gamma=0.95), torch.zeros_like(batch["loss_mask"])),
+            ("ift", IFTConfig(gamma=0.95), batch.loss_mask),
+            ("sft_token_mean", IFTConfig(max_lambda=0.0, gamma=0.0, aggregation="token_mean"), batch.loss_mask),
+            ("all_prompt", IFTConfig(gamma=0.95), torch.zeros_like(batch.loss_mask)),
         ):
-            b = dict(batch, loss_mask=mask)
             res = {}
             for path in ("full", "selected", "fused"):
                 model.zero_grad(set_to_none=True)
-                loss = _loss(model, b, group, cfg, path)
+                loss = _loss(model, batch, mask, group, cfg, path)
                 loss.backward()
                 res[path] = (float(loss), {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                                            for n, p in model.named_parameters()})

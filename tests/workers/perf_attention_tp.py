@@ -3,9 +3,10 @@ TP 1 (world 2 = DP 2), TP 2 and TP 2 with sequence parallelism: logits and every
 gradient, float64 and float32, packed (block mask) and unpacked (causal) rows; plus attention
 dropout in training mode. Rank 0 writes the errors as JSON."""
 
+import dataclasses
 import sys
 
-from common import dump, make_global_batch, setup, tiny_model
+from common import PLATFORM, dump, make_global_batch, setup, tiny_model
 
 import torch
 import torch.distributed as dist
@@ -18,23 +19,23 @@ from megatron_ift.models.gpt import build_gpt_chunks, transformer_config
 
 def packed(batch):
     """Cut every row into three segments (positions restart), as the packed collator does."""
-    b, s = batch["tokens"].shape
+    b, s = batch.shape
     seg = torch.zeros(b, s, dtype=torch.long)
     seg[:, s // 3:] = 1
     seg[:, 2 * s // 3:] = 2
     pos = torch.cat([torch.arange(n) for n in torch.unique_consecutive(seg[0], return_counts=True)[1].tolist()])
-    return dict(batch, segment_ids=seg, position_ids=pos.repeat(b, 1))
+    return dataclasses.replace(batch, segment_ids=seg, position_ids=pos.repeat(b, 1))
 
 
 def build(backend, par, dtype, dropout=0.0):
     model = tiny_model(attention_backend=backend, attention_dropout=dropout)
-    cfg = transformer_config(model, par, params_dtype=dtype)
-    return build_gpt_chunks(model, par, cfg)[0]
+    cfg = transformer_config(model, par, PLATFORM, params_dtype=dtype)
+    return build_gpt_chunks(model, par, PLATFORM, cfg)[0]
 
 
 def run(model, batch, weight):
     model.zero_grad(set_to_none=True)
-    logits = model(batch["tokens"], batch["position_ids"], attention_mask(batch))  # [b, s, v/tp]
+    logits = model(batch.tokens, batch.position_ids, attention_mask(batch.segment_ids))  # [b, s, v/tp]
     (logits * weight[..., : logits.shape[-1]]).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return logits.detach(), grads
@@ -70,7 +71,7 @@ def compare(tp, sp) -> dict:
     # Dropout honoured: training mode differs from eval, eval equals the local module's output.
     drop = build("sdpa", par, torch.float32, dropout=0.5)
     batch = make_global_batch(4, 24, 60, seed=7)
-    args = (batch["tokens"], batch["position_ids"], None)
+    args = (batch.tokens, batch.position_ids, None)
     with torch.no_grad():
         drop.train()
         a = drop(*args)

@@ -24,9 +24,9 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-from megatron_ift import cpu_compat  # noqa: E402
+from megatron_ift.platform import bootstrap  # noqa: E402
 
-cpu_compat.enable()
+PLATFORM = bootstrap()
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import (  # noqa: E402
@@ -37,7 +37,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 
 from megatron_ift.models.config import ModelConfig  # noqa: E402
 from megatron_ift.models.gpt import build_gpt_chunks, transformer_config  # noqa: E402
-from megatron_ift.parallel import ParallelConfig, destroy_distributed, init_distributed  # noqa: E402
+from megatron_ift.distributed import destroy_distributed, init_distributed, model_parallel_seed  # noqa: E402
+from megatron_ift.parallel import ParallelConfig  # noqa: E402
 from megatron_ift.planning.activations import MicroBatch, saved_bytes  # noqa: E402
 from megatron_ift.planning.params import chunk_layers, chunk_parameters, state_memory  # noqa: E402
 
@@ -84,8 +85,8 @@ def _patch_recompute_rng() -> None:
 def check_state(name: str, layout: dict, model_kw: dict, opt_kw: dict) -> str:
     par = ParallelConfig(**layout)
     model = ModelConfig(**BASE, params_dtype=model_kw.pop("params_dtype", "bfloat16"), **model_kw)
-    init_distributed(par)
-    cpu_compat.model_parallel_seed(1234)
+    init_distributed(par, PLATFORM)
+    model_parallel_seed(1234, PLATFORM)
     tp, pp, vpp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.vpp
     dp = parallel_state.get_data_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -93,8 +94,8 @@ def check_state(name: str, layout: dict, model_kw: dict, opt_kw: dict) -> str:
     bucket_size = opt_kw.get("bucket_size")
     grad_fp32 = opt_kw.get("grad_reduce_in_fp32", True)
 
-    config = transformer_config(model, par)
-    chunks = build_gpt_chunks(model, par, config)
+    config = transformer_config(model, par, PLATFORM)
+    chunks = build_gpt_chunks(model, par, PLATFORM, config)
     for vp_stage, chunk in enumerate(chunks):
         got = [(n, tuple(p.shape)) for n, p in chunk.named_parameters()]
         want = [(p.name, p.shape) for p in chunk_parameters(model, tp=tp, pp=pp, vpp=vpp,
@@ -167,16 +168,16 @@ def check_activations(name: str, layout: dict, recompute: str, seq: int, mbs: in
     kw = dict(BASE, num_query_groups=4) if mha else BASE
     model = ModelConfig(**kw, params_dtype="bfloat16",
                         attention_backend="local" if name.endswith("unfused") else "auto")
-    init_distributed(par)
-    cpu_compat.model_parallel_seed(1234)
+    init_distributed(par, PLATFORM)
+    model_parallel_seed(1234, PLATFORM)
     extra = {}
     if recompute == "full":
         extra = dict(recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1)
     elif recompute == "selective":
         extra = dict(recompute_granularity="selective")
-    config = transformer_config(model, par, **extra)
-    (chunk,) = build_gpt_chunks(model, par, config)
+    config = transformer_config(model, par, PLATFORM, **extra)
+    (chunk,) = build_gpt_chunks(model, par, PLATFORM, config)
     chunk.train()
     params = _storages(chunk.parameters())
     saved: dict[int, int] = {}

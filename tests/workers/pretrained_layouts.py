@@ -18,7 +18,7 @@ import sys
 
 if __name__ == "__main__":
     from convert_common import pipeline_logits
-    from common import setup
+    from common import PLATFORM, setup
 
     import torch
     import torch.distributed as dist
@@ -34,7 +34,7 @@ if __name__ == "__main__":
         par = setup(tp=lay["tp"], pp=lay["pp"], seed=7)
         first_dp = parallel_state.get_data_parallel_rank() == 0
         for job in lay["logits"]:
-            model, cfg, _ = load_for_inference(job["ckpt"], par)
+            model, cfg, _ = load_for_inference(job["ckpt"], par, PLATFORM)
             logits = pipeline_logits(model, torch.load(job["tokens"]), cfg.hidden_size, lay["pp"])
             if logits is not None and first_dp:
                 torch.save(logits, job["out"])

@@ -4,7 +4,8 @@ no recomputation, at TP 2 (megatron-core's RNG tracker runs on the CPU generator
 import json
 import sys
 
-from common import dump, make_global_batch, setup, split_microbatches, tiny_model
+from common import PLATFORM, dump, make_global_batch, setup, split_microbatches, tiny_model
+from megatron_ift.distributed import model_parallel_seed
 
 import torch
 from megatron.core import parallel_state
@@ -17,17 +18,16 @@ from megatron_ift.training.step import IFTStep
 
 def run(par, overrides, dropout_seed=9):
     cfg = tiny_model(hidden_dropout=0.1, attention_dropout=0.1)
-    from megatron_ift import cpu_compat
-
-    cpu_compat.model_parallel_seed(5)
-    chunks, _ = build_model(cfg, par, transformer_overrides=overrides)
+    model_parallel_seed(5, PLATFORM)
+    chunks, _ = build_model(cfg, par, PLATFORM, transformer_overrides=overrides)
     batch = make_global_batch(4, 16, cfg.vocab_size, seed=2)
     mbs = split_microbatches(batch, parallel_state.get_data_parallel_rank(),
                              parallel_state.get_data_parallel_world_size(), 2)
-    step = IFTStep(chunks, IFTConfig(), cfg.vocab_size, seq_length=16, micro_batch_size=2)
+    step = IFTStep(chunks, IFTConfig(), cfg.vocab_size, seq_length=16, micro_batch_size=2,
+                   platform=PLATFORM)
     for c in chunks:
         c.zero_grad_buffer()
-    cpu_compat.model_parallel_seed(dropout_seed)  # same dropout stream for every variant
+    model_parallel_seed(dropout_seed, PLATFORM)  # same dropout stream for every variant
     out = step(mbs, step=0)
     grads = [p.main_grad.clone() for c in chunks for p in unwrap(c).parameters()]
     return out.loss, grads

@@ -6,7 +6,7 @@ import json
 import sys
 from functools import partial
 
-from common import dump, make_global_batch, setup, split_microbatches, tiny_model
+from common import PLATFORM, dump, make_global_batch, setup, split_microbatches, tiny_model
 
 import torch
 from megatron.core import parallel_state
@@ -20,8 +20,8 @@ from megatron_ift.training.step import IFTStep
 
 def megatron_sft_forward(data_iterator, model):
     mb = next(data_iterator)
-    per_token = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])  # [b, s]
-    mask = mb["loss_mask"]
+    per_token = model(mb.tokens, mb.position_ids, None, labels=mb.labels)  # [b, s]
+    mask = mb.loss_mask
 
     def loss_func(output):
         total = (output.float() * mask).sum()
@@ -42,12 +42,12 @@ def run(opts):
     """Both steps at ``opts["tp"]``; writes the comparison to ``opts["out"]``."""
     par = setup(tp=opts["tp"])  # pipeline size 1: every rank holds the loss
     model_cfg = tiny_model()
-    chunks, config = build_model(model_cfg, par)
+    chunks, config = build_model(model_cfg, par, PLATFORM)
     batch = make_global_batch(8, 16, model_cfg.vocab_size, seed=1)
     mbs = split_microbatches(batch, parallel_state.get_data_parallel_rank(),
                              parallel_state.get_data_parallel_world_size(), 2)
     step = IFTStep(chunks, IFTConfig(max_lambda=0.0, gamma=0.0, aggregation="token_mean"),
-                   model_cfg.vocab_size, seq_length=16, micro_batch_size=2)
+                   model_cfg.vocab_size, seq_length=16, micro_batch_size=2, platform=PLATFORM)
     for c in chunks:
         c.zero_grad_buffer()
     ours = step(mbs, step=0)
@@ -63,7 +63,7 @@ def run(opts):
     tot = sum(float(r["loss"]) for r in reports)
     dump(opts["out"], {
         "ours": ours.loss,
-        "megatron": tot / float(sum(mb["loss_mask"].sum() for mb in mbs)),
+        "megatron": tot / float(sum(mb.loss_mask.sum() for mb in mbs)),
         "grads_equal": same,
         # largest gradient difference relative to its tensor's largest entry
         "grad_rel_err": max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))

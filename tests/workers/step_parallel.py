@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from common import dump, make_global_batch, setup, split_microbatches, tiny_model
+from common import PLATFORM, dump, make_global_batch, setup, split_microbatches, tiny_model
 
 import torch
 import torch.distributed as dist
@@ -78,7 +78,7 @@ def run(opts):
     )
     model_cfg = tiny_model(**opts.get("model", {}))
     ift = IFTConfig(**opts["ift"])
-    chunks, config = build_model(model_cfg, par, mixing_embeddings=ift.mixing_embeddings)
+    chunks, config = build_model(model_cfg, par, PLATFORM, mixing_embeddings=ift.mixing_embeddings)
     load_model(chunks, os.path.join(ref, "init"))
     optimizer = build_optimizer(chunks, OptimizerConfig(**opts["optim"]), model_cfg, par, config)
 
@@ -88,15 +88,16 @@ def run(opts):
         batch, parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(), opts["mbs"],
     )
-    step = IFTStep(chunks, ift, model_cfg.vocab_size, seq_length=opts["seq"], micro_batch_size=opts["mbs"])
+    step = IFTStep(chunks, ift, model_cfg.vocab_size, seq_length=opts["seq"], micro_batch_size=opts["mbs"],
+                   platform=PLATFORM)
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
     result = step(mbs, step=0)
 
     # A second, bare copy of the model at this layout holds the reference tensors.
-    expected = build_gpt_chunks(model_cfg, par)
-    report = {"loss": result.loss, "metrics": result.metrics}
+    expected = build_gpt_chunks(model_cfg, par, PLATFORM)
+    report = {"loss": result.loss, "metrics": result.as_dict()}
     if not par.use_distributed_optimizer:  # with ZeRO each rank holds only its grad shard
         load_model(expected, os.path.join(ref, "grads"))
         report["grads"] = _gather(_errors(chunks, expected, use_grad=True))

@@ -12,7 +12,8 @@ import json
 import os
 import sys
 
-from common import make_global_batch, rank, save_grads_as_model, setup, tiny_model
+from common import PLATFORM, make_global_batch, rank, save_grads_as_model, setup, tiny_model
+from megatron_ift.distributed import model_parallel_seed
 
 import torch
 
@@ -33,36 +34,34 @@ def main():
 
 
 def reference_step(opts, par):
-    from megatron_ift import cpu_compat
-
     ref = opts["ref"]
-    cpu_compat.model_parallel_seed(opts["seed"] + 100)
+    model_parallel_seed(opts["seed"] + 100, PLATFORM)
     model_cfg = tiny_model(**opts.get("model", {}))
     cfg = IFTConfig(**opts["ift"])
-    (model,) = build_gpt_chunks(model_cfg, par)
+    (model,) = build_gpt_chunks(model_cfg, par, PLATFORM)
     save_model([model], os.path.join(ref, "init"))
     b = make_global_batch(opts["global_batch"], opts["seq"], model_cfg.vocab_size, seed=opts["seed"],
                           packed=opts.get("packed", False))
     V = model_cfg.vocab_size
-    seg = b.get("segment_ids")
-    mask = attention_mask(b)  # packed rows: block-diagonal causal; else megatron-core's causal
+    seg = b.segment_ids
+    mask = attention_mask(seg)  # packed rows: block-diagonal causal; else megatron-core's causal
 
     lam = lambda_at(cfg, 0)
     model.eval()
     with torch.no_grad():
-        logits = model(b["tokens"], b["position_ids"], mask)  # [b, s, V_padded]
-    xhat = reference.estimated_tokens(logits[..., :V], b["tokens"], b["loss_mask"], cfg, 0,
-                                      segment_ids=seg, sample_ids=b["sample_ids"])
+        logits = model(b.tokens, b.position_ids, mask)  # [b, s, V_padded]
+    xhat = reference.estimated_tokens(logits[..., :V], b.tokens, b.loss_mask, cfg, 0,
+                                      segment_ids=seg, sample_ids=b.sample_ids)
     # the estimation pass's metric: SFT loss of the ground-truth input (gamma 0: plain CE)
-    loss_sft, _ = reference.ift_loss(logits, b["labels"], b["loss_mask"], dataclasses.replace(cfg, gamma=0.0),
+    loss_sft, _ = reference.ift_loss(logits, b.labels, b.loss_mask, dataclasses.replace(cfg, gamma=0.0),
                                      segment_ids=seg)
     model.train()
     E = model.embedding.word_embeddings.weight
     if cfg.mixing_embeddings == "detached":
         E = E.detach()
-    mixed = reference.mixed_inputs(E, b["tokens"], xhat, lam).transpose(0, 1).contiguous()
-    logits = model(b["tokens"], b["position_ids"], mask, decoder_input=mixed)
-    loss, metrics = reference.ift_loss(logits, b["labels"], b["loss_mask"], cfg, segment_ids=seg)
+    mixed = reference.mixed_inputs(E, b.tokens, xhat, lam).transpose(0, 1).contiguous()
+    logits = model(b.tokens, b.position_ids, mask, decoder_input=mixed)
+    loss, metrics = reference.ift_loss(logits, b.labels, b.loss_mask, cfg, segment_ids=seg)
     loss.backward()
     save_grads_as_model([model], os.path.join(ref, "grads"))
 

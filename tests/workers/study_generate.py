@@ -9,30 +9,34 @@ import json
 import os
 import sys
 
-import torch
+from megatron_ift.platform import bootstrap
 
-from megatron_ift.checkpoint import layout
-from megatron_ift.checkpoint.model_io import save_model
-from megatron_ift.config_io import to_dict
-from megatron_ift.models.config import ModelConfig
-from megatron_ift.models.gpt import build_gpt_chunks
-from megatron_ift.parallel import ParallelConfig
-from megatron_ift.studies import generate
+PLATFORM = bootstrap()
+
+import torch  # noqa: E402
+
+from megatron_ift.checkpoint import layout  # noqa: E402
+from megatron_ift.checkpoint.model_io import save_model  # noqa: E402
+from megatron_ift.config_io import to_dict  # noqa: E402
+from megatron_ift.models.config import ModelConfig  # noqa: E402
+from megatron_ift.models.gpt import build_gpt_chunks  # noqa: E402
+from megatron_ift.parallel import ParallelConfig  # noqa: E402
+from megatron_ift.studies import generate  # noqa: E402
 from megatron_ift.studies.frozen_lake import Codec, vocabulary
 
 
 def main(out: str) -> None:
-    generate._init_once()
+    generate.world_of_one(PLATFORM)
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
                       vocab_size=len(vocabulary()), make_vocab_size_divisible_by=16,
                       max_position_embeddings=48, transformer_impl="local")
-    (model,) = build_gpt_chunks(cfg, ParallelConfig())
+    (model,) = build_gpt_chunks(cfg, ParallelConfig(), PLATFORM)
     ckpt = os.path.join(out, layout.iter_name(1))
     save_model([model], ckpt)
     layout.write_metadata(ckpt, {"model": to_dict(cfg)})
     layout.mark_latest(out, 1)
 
-    loaded = generate.LoadedModel(out)
+    loaded = generate.LoadedModel(out, PLATFORM)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 9, 48)]
     batched = loaded.last_logits(seqs)
