@@ -74,7 +74,37 @@ def environment() -> dict[str, Any]:
                    capability=list(torch.cuda.get_device_capability(platform.device)),
                    memory_gib=round(torch.cuda.get_device_properties(platform.device).total_memory / 2**30, 1))
     out["megatron.core_importable"] = importlib.util.find_spec("megatron") is not None
+    out["unmet_requirements"] = unmet_requirements(("megatron-core", "datasets"))
+    out["ok"] = not out["unmet_requirements"]
     return out
+
+
+def unmet_requirements(names: tuple[str, ...]) -> list[str]:
+    """Requirements of the installed distributions ``names`` that the environment does not meet
+    (the wheels of tools/gpu_wheels.sh are installed without their dependencies)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    problems = []
+    for name in names:
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            problems.append(f"{name} is not installed")
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            try:
+                have = metadata.version(req.name)
+            except metadata.PackageNotFoundError:
+                problems.append(f"{name} needs {req}, which is not installed")
+                continue
+            if req.specifier and not req.specifier.contains(have, prereleases=True):
+                problems.append(f"{name} needs {req}, found {req.name} {have}")
+    return problems
 
 
 def placement(work: str, emulate: bool) -> dict[str, Any]:
