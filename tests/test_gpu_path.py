@@ -144,3 +144,40 @@ def test_packed_thd_needs_micro_batch_one():
         check_platform(cfg, te)
     check_platform(_run_config(**{"model.transformer_impl": "transformer_engine", "train.micro_batch_size": 1,
                                   "model.attention_backend": "auto"}), te)
+
+
+def test_packed_rows_on_megatrons_local_attention_use_the_masked_softmax_kernel(monkeypatch):
+    """Review finding 5: megatron-core's fused softmax with the local spec's ``causal`` mask type
+    takes the upper-triangular kernel, which never reads the block mask of packed rows. Packed
+    rows declare an ``arbitrary`` mask, which takes the masked kernel (kernel availability is
+    forced here: the CUDA kernels themselves cannot run on a CPU)."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import attention_mask_func
+
+    from megatron_ift.models.config import ModelConfig
+    from megatron_ift.models.gpt import local_layer_spec
+
+    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=60,
+                        attention_backend="local")
+    mask_type = lambda packed: local_layer_spec(model, packed).submodules.self_attention.params["attn_mask_type"]  # noqa: E731
+    assert mask_type(False) == AttnMaskType.causal  # unpacked: no mask tensor, the causal kernel
+    assert mask_type(True) == AttnMaskType.arbitrary
+    auto = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=60)
+    assert local_layer_spec(auto, True).submodules.self_attention.submodules.core_attention.__name__ == "SDPAttention"
+
+    used = []
+    monkeypatch.setattr(fused_softmax.ScaledUpperTriangMaskedSoftmax, "apply",
+                        lambda x, scale: used.append("upper_triangular") or x)
+    monkeypatch.setattr(fused_softmax.ScaledMaskedSoftmax, "apply",
+                        lambda x, mask, scale: used.append("masked") or x)
+    monkeypatch.setattr(fused_softmax.FusedScaleMaskSoftmax, "is_kernel_available", lambda *a: True)
+    scores = torch.zeros(1, 4, 32, 32, dtype=torch.bfloat16)
+    block = torch.ones(1, 1, 32, 32, dtype=torch.bool)
+    for packed in (False, True):
+        softmax = fused_softmax.FusedScaleMaskSoftmax(
+            input_in_fp16=False, input_in_bf16=True, attn_mask_type=mask_type(packed),
+            scaled_masked_softmax_fusion=True, mask_func=attention_mask_func, softmax_in_fp32=True,
+            scale=None)
+        softmax(scores, block)
+    assert used == ["upper_triangular", "masked"]  # the causal type would ignore the block mask

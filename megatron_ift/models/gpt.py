@@ -19,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
@@ -120,12 +121,16 @@ def transformer_config(
 
 
 def layer_spec(model: ModelConfig, config: TransformerConfig, platform: Platform,
-               vp_stage: Optional[int]) -> ModuleSpec:
+               vp_stage: Optional[int], packed_rows: bool = False) -> ModuleSpec:
     """Block spec for this stage's layers.
 
     TE spec on GPU; otherwise the local spec with torch norms and, unless
     ``model.attention_backend`` is ``local``, fused SDPA core attention
     (:class:`megatron_ift.models.attention.SDPAttention`).
+
+    Args:
+        packed_rows: the rows are packed (a block mask per micro-batch); see
+            :func:`local_layer_spec`.
     """
     if resolve_transformer_impl(model, platform) == "transformer_engine":
         if model.attention_backend != "auto":
@@ -134,11 +139,7 @@ def layer_spec(model: ModelConfig, config: TransformerConfig, platform: Platform
                 "the Transformer Engine spec uses TE's fused attention (leave it at 'auto')"
             )
         return get_gpt_layer_with_transformer_engine_spec()
-    layer = get_gpt_layer_local_spec(normalization=model.normalization)
-    if model.attention_backend in ("auto", "sdpa"):
-        layer.submodules.self_attention.submodules.core_attention = SDPAttention
-    layer.submodules.input_layernorm = TorchNorm
-    layer.submodules.pre_mlp_layernorm = TorchNorm
+    layer = local_layer_spec(model, packed_rows)
     num = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,
@@ -146,14 +147,35 @@ def layer_spec(model: ModelConfig, config: TransformerConfig, platform: Platform
     )
 
 
+def local_layer_spec(model: ModelConfig, packed_rows: bool) -> ModuleSpec:
+    """One transformer layer of the local spec: torch norms (sequence-parallel capable), SDPA
+    core attention unless ``model.attention_backend`` is ``local``.
+
+    With packed rows (a block mask per micro-batch), megatron-core's own core attention
+    (``attention_backend: local``) declares an ``arbitrary`` mask: with the ``causal`` type its
+    fused softmax takes the upper-triangular kernel, which never reads the mask, and packed
+    samples would attend to each other.
+    """
+    layer = get_gpt_layer_local_spec(normalization=model.normalization)
+    attention = layer.submodules.self_attention
+    if model.attention_backend in ("auto", "sdpa"):
+        attention.submodules.core_attention = SDPAttention
+    elif packed_rows:
+        attention.params = dict(attention.params, attn_mask_type=AttnMaskType.arbitrary)
+    layer.submodules.input_layernorm = TorchNorm
+    layer.submodules.pre_mlp_layernorm = TorchNorm
+    return layer
+
+
 def build_gpt_chunks(
     model: ModelConfig, parallel: ParallelConfig, platform: Platform,
-    config: Optional[TransformerConfig] = None,
+    config: Optional[TransformerConfig] = None, *, packed_rows: bool = False,
 ) -> list[IFTGPTModel]:
     """This rank's model chunks (one, or ``virtual_pipeline_model_parallel_size`` with VPP), on
     the platform's device.
 
     Requires megatron-core's process groups (:func:`megatron_ift.distributed.init_distributed`).
+    ``packed_rows``: see :func:`layer_spec`.
     """
     config = config or transformer_config(model, parallel, platform)
     tp = parallel.tensor_model_parallel_size
@@ -164,7 +186,7 @@ def build_gpt_chunks(
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         chunk = IFTGPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(model, config, platform, vp_stage),
+            transformer_layer_spec=layer_spec(model, config, platform, vp_stage, packed_rows),
             vocab_size=model.padded_vocab_size(tp),
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre,

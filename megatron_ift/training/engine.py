@@ -28,6 +28,7 @@ def build_model(
     *,
     mixing_embeddings: str = "live",
     transformer_overrides: Optional[dict[str, Any]] = None,
+    packed_rows: bool = False,
 ) -> tuple[list[DistributedDataParallel], TransformerConfig]:
     """This rank's chunks wrapped in megatron-core DDP, and their ``TransformerConfig``.
 
@@ -37,6 +38,8 @@ def build_model(
             ``detached`` freezes an untied input embedding
             (:mod:`megatron_ift.training.frozen_embedding`).
         transformer_overrides: extra ``TransformerConfig`` fields (recomputation, FP8).
+        packed_rows: the data packs several samples per row (the attention's mask type,
+            :func:`megatron_ift.models.gpt.layer_spec`).
 
     Returns:
         ``(chunks, config)``; ``config`` is wired for the step: losses are ``(sum, count)``
@@ -47,7 +50,7 @@ def build_model(
     # the schedule must not rescale it, and finalize_model_grads divides the gradients by the
     # count summed over micro-batches and data-parallel ranks. Set here, once, for every step.
     config.calculate_per_token_loss = True
-    chunks = build_gpt_chunks(model, parallel, platform, config)
+    chunks = build_gpt_chunks(model, parallel, platform, config, packed_rows=packed_rows)
     freeze_input_embedding(chunks, mixing_embeddings)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

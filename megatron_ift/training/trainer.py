@@ -252,6 +252,7 @@ class Trainer:
         self.chunks, tconfig = build_model(
             cfg.model, cfg.parallel, self.platform,
             mixing_embeddings=cfg.ift.mixing_embeddings, transformer_overrides=transformer_overrides(cfg),
+            packed_rows=cfg.data.packing,
         )
         self.optimizer = build_optimizer(self.chunks, cfg.optimizer, cfg.model, cfg.parallel, tconfig)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, t.steps)

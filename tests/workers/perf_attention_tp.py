@@ -27,10 +27,10 @@ def packed(batch):
     return dataclasses.replace(batch, segment_ids=seg, position_ids=pos.repeat(b, 1))
 
 
-def build(backend, par, dtype, dropout=0.0):
+def build(backend, par, dtype, dropout=0.0, packed_rows=False):
     model = tiny_model(attention_backend=backend, attention_dropout=dropout)
     cfg = transformer_config(model, par, PLATFORM, params_dtype=dtype)
-    return build_gpt_chunks(model, par, PLATFORM, cfg)[0]
+    return build_gpt_chunks(model, par, PLATFORM, cfg, packed_rows=packed_rows)[0]
 
 
 def run(model, batch, weight):
@@ -46,8 +46,10 @@ def compare(tp, sp) -> dict:
     out = {}
     for dtype in (torch.float64, torch.float32):
         local = build("local", par, dtype)
+        local_packed = build("local", par, dtype, packed_rows=True)  # its "arbitrary" mask type
         fused = build("sdpa", par, dtype)
         fused.load_state_dict(local.state_dict())
+        local_packed.load_state_dict(local.state_dict())
         n_sdpa = sum(isinstance(m, SDPAttention) for m in fused.modules())
         n_local_sdpa = sum(isinstance(m, SDPAttention) for m in local.modules())
         for kind in ("unpacked", "packed"):
@@ -56,7 +58,7 @@ def compare(tp, sp) -> dict:
                 batch = packed(batch)
             g = torch.Generator().manual_seed(3)
             weight = torch.randn(4, 24, 64, generator=g, dtype=dtype)
-            l_ref, g_ref = run(local, batch, weight)
+            l_ref, g_ref = run(local_packed if kind == "packed" else local, batch, weight)
             l_new, g_new = run(fused, batch, weight)
             grad_err = max(float((g_new[n] - g_ref[n]).abs().max() / g_ref[n].abs().max().clamp(min=1e-30))
                            for n in g_ref)
