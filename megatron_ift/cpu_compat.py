@@ -109,7 +109,7 @@ def patch_cuda_runtime(current_device) -> None:
     Shared by :func:`enable` and the emulated accelerator (:mod:`megatron_ift.emulated_cuda`),
     which answers ``current_device()`` with CUDA ordinal 0 instead of the CPU device.
     """
-    _import_megatron_with_eager_fusions()
+    import_megatron_with_eager_fusions()
     torch.cuda.current_device = current_device  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
@@ -137,7 +137,7 @@ def _eager(model=None, **_kwargs):
     return model if model is not None else (lambda fn: fn)
 
 
-def _import_megatron_with_eager_fusions() -> None:
+def import_megatron_with_eager_fusions() -> None:
     """Import megatron-core with ``torch.compile`` passed through, then switch its ``jit_fuser``
     to the no-op decorator for modules imported later. No effect once megatron-core is loaded."""
     if "megatron.core" in sys.modules:

@@ -11,7 +11,7 @@ works), its own environment, working directory, ``sys.argv``, ``sys.path[0]`` an
 What the server imports is what every CPU process of this project imports the same way whether it
 later enables ``cpu_compat`` or the emulated CUDA device: torch, TorchDynamo, transformers and
 datasets (imports that are lazy and device-independent), and megatron-core through
-``cpu_compat._import_megatron_with_eager_fusions`` (the one import both modes make before
+``cpu_compat.import_megatron_with_eager_fusions`` (the one import both modes make before
 patching anything). Nothing is patched and no tensor op runs in the server, so a forked child
 starts from the state a fresh one reaches after those imports. The server is single-threaded
 (forking a threaded process can inherit a held lock); it checks that and refuses to serve
@@ -235,7 +235,7 @@ def _preload() -> None:
 
     from megatron_ift import cpu_compat
 
-    cpu_compat._import_megatron_with_eager_fusions()
+    cpu_compat.import_megatron_with_eager_fusions()
 
 
 def _threads() -> int:

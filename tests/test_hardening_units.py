@@ -175,7 +175,7 @@ def test_run_lock_refuses_a_live_holder_and_takes_stale_ones(tmp_path, monkeypat
     root = str(tmp_path / "run")
     host = socket.gethostname()
     parent = os.getppid()  # alive, and not us
-    _write_lock(root, host=host, pid=parent, start=run_dir._process_start(parent), since="then")
+    _write_lock(root, host=host, pid=parent, start=run_dir.process_start_time(parent), since="then")
     lock = run_dir.RunLock(root)
     with pytest.raises(ConfigError, match=rf"checkpoint.dir={re.escape(root)} is in use by "
                        rf"another run \(pid {parent} on {re.escape(host)} since then.*"

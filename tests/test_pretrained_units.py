@@ -88,12 +88,12 @@ def test_a_tokenizer_without_chat_template_is_refused_in_one_line(tmp_path):
 
 def test_conversion_parses_the_gguf_file_once_and_restores_gguf(tmp_path):
     gguf = pytest.importorskip("gguf")
-    from megatron_ift.convert.gguf import _parse_once
+    from megatron_ift.convert.gguf import parse_once
 
     path = str(_gguf(tmp_path / "llama-tiny.gguf", "llama"))
     other = str(_gguf(tmp_path / "other.gguf", "llama"))
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    with _parse_once(path):
+    with parse_once(path):
         # transformers looks both names up on the module at call time, as here
         assert gguf.GGUFReader(path) is gguf.GGUFReader(path)
         assert gguf.GGUFReader(other) is not gguf.GGUFReader(other)

@@ -74,7 +74,7 @@ def gguf_architecture(path: str) -> str:
 
 
 @contextlib.contextmanager
-def _parse_once(path: str) -> Iterator[None]:
+def parse_once(path: str) -> Iterator[None]:
     """Within the block, ``gguf`` parses ``path`` once and builds each tensor-name map once.
 
     ``GGUFReader`` parses every metadata field in Python on construction (~15 s of CPU for
@@ -126,7 +126,7 @@ def gguf_to_hf(path: str, output: str, *, dtype: str = "float32") -> str:
     """
     if not os.path.isfile(path):
         raise ConversionError(f"GGUF file {path} does not exist")
-    with _parse_once(path):
+    with parse_once(path):
         return _convert(path, output, dtype)
 
 

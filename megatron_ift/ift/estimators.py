@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_ift.ift._dist import ProcessGroup, all_reduce_, group_rank_world
+from megatron_ift.ift.groups import ProcessGroup, all_reduce_, group_rank_world
 from megatron_ift.ift.config import IFTConfig
 
 _NO_ID = torch.iinfo(torch.int64).max

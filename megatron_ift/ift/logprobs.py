@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_ift.ift._dist import ProcessGroup, all_reduce_, group_rank_world
+from megatron_ift.ift.groups import ProcessGroup, all_reduce_, group_rank_world
 
 
 def _label_index(labels: torch.Tensor, part: int, group: ProcessGroup):

@@ -115,7 +115,7 @@ def save_checkpoint(
     dist_checkpointing.save(state, ckpt_dir)
     _barrier()  # every rank's shards are on disk
     if _rank() == 0:
-        _commit(root, ckpt_dir, step, metadata)
+        commit_checkpoint(root, ckpt_dir, step, metadata)
         if replaced:
             shutil.rmtree(replaced, ignore_errors=True)
         layout.prune(root, keep_last)
@@ -123,11 +123,11 @@ def save_checkpoint(
     return ckpt_dir
 
 
-def _commit(root: str, ckpt_dir: str, step: int, metadata: dict[str, Any]) -> None:
+def commit_checkpoint(root: str, ckpt_dir: str, step: int, metadata: dict[str, Any]) -> None:
     """Rank 0, once every rank's shards are on disk: mark the checkpoint complete and latest.
 
-    A separate function so that tests can interrupt a save exactly here (a monkeypatch in a
-    worker script); production code has no fault-injection switch."""
+    Its own function (the moment a save becomes visible), so that tests can interrupt a save
+    exactly here by wrapping it; production code has no fault-injection switch."""
     layout.write_metadata(ckpt_dir, dict(metadata, step=step))
     layout.mark_latest(root, step)
 

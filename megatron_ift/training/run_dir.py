@@ -235,7 +235,7 @@ def mark_incomplete(root: str) -> None:
 
 # -- one run per directory -------------------------------------------------------------------
 
-def _process_start(pid: int) -> Optional[str]:
+def process_start_time(pid: int) -> Optional[str]:
     """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is not alive.
 
     Recorded with the pid so that a recycled pid is not mistaken for the lock's holder."""
@@ -270,7 +270,7 @@ class RunLock:
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "start": _process_start(os.getpid()),
+            "start": process_start_time(os.getpid()),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
@@ -292,7 +292,7 @@ class RunLock:
             return True
         if h.get("host") != socket.gethostname() or not isinstance(h.get("pid"), int):
             return False
-        start = _process_start(h["pid"])
+        start = process_start_time(h["pid"])
         return start is None or (start != "?" and h.get("start") not in (None, "?", start))
 
     def acquire(self, *, break_lock: bool = False) -> None:

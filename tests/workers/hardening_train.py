@@ -25,14 +25,14 @@ from megatron_ift.train import main  # noqa: E402
 
 _kill_step = os.environ.get("HARDENING_KILL_AT_COMMIT")
 if _kill_step:
-    _commit = checkpointing._commit
+    commit_checkpoint = checkpointing.commit_checkpoint
 
     def _dying_commit(root, ckpt_dir, step, metadata):
         if step == int(_kill_step):
             os.kill(os.getpid(), signal.SIGKILL)
-        _commit(root, ckpt_dir, step, metadata)
+        commit_checkpoint(root, ckpt_dir, step, metadata)
 
-    checkpointing._commit = _dying_commit
+    checkpointing.commit_checkpoint = _dying_commit
 
 _hold = os.environ.get("HARDENING_HOLD_WRITERS")
 if _hold:

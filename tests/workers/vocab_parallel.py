@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 
-from megatron_ift.ift._dist import ProcessGroup, all_reduce_, group_rank_world
+from megatron_ift.ift.groups import ProcessGroup, all_reduce_, group_rank_world
 
 
 class _VocabParallelNLL(torch.autograd.Function):
