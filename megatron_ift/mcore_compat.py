@@ -1,6 +1,6 @@
 """Work-arounds for megatron-core 0.16.1 behaviours that get in the way of checkpointing.
 
-Each is measured, and each has a test in ``tests/test_mcore_compat.py`` that asserts the upstream
+Each is measured, and each has a test in ``tests/distributed/test_mcore_compat.py`` that asserts the upstream
 behaviour it exists for, so that a megatron-core upgrade that fixes or changes it fails a test
 and the work-around can be removed or adapted (the CPU-specific redirections live in
 :mod:`megatron_ift.cpu_compat`, and megatron-core's missing CPU paths are no work-arounds of bugs):

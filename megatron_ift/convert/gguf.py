@@ -83,7 +83,7 @@ def parse_once(path: str) -> Iterator[None]:
     rebuilds ``gguf.get_tensor_name_map(arch, layers)`` once per module (~400 times). Both are
     pure reads, so one shared reader and a memoised map give the same folder for less than half
     the CPU time. transformers imports both names from ``gguf`` at call time, which is what the
-    patch relies on (``tests/test_pretrained_units.py`` checks that the sharing happens).
+    patch relies on (``tests/unit/test_pretrained_units.py`` checks that the sharing happens).
     """
     try:
         import gguf

@@ -15,7 +15,7 @@ Two implementations are modelled:
   grouped k / v are never expanded) or megatron-core's
   unfused ``DotProductAttention`` (``local``: expanded k / v and ``b * a * s^2`` softmax
   tensors). These terms are checked byte for byte against
-  ``torch.autograd.graph.saved_tensors_hooks`` on real models (tests/test_plan_memory.py).
+  ``torch.autograd.graph.saved_tensors_hooks`` on real models (tests/distributed/test_plan_memory.py).
 * ``transformer_engine``: the GPU path (TE's fused norm + linear and fused/flash attention). Its
   norm and attention terms are derived from Transformer Engine's saved tensors (input, ``ln_out``
   and ``rstd``; ``q``, ``k``, ``v``, output and the fp32 softmax statistics), not measured: no GPU

@@ -13,7 +13,7 @@ Three steps, each mirroring the megatron-core 0.16 code it stands for:
    parameter buffer and the gradient buffer are whole on every rank; the fp32 master weights and
    both Adam moments exist only for the rank's shard of each bucket (the distributed optimizer).
 
-tests/test_plan_memory.py checks the results byte for byte against real megatron-core models and
+tests/distributed/test_plan_memory.py checks the results byte for byte against real megatron-core models and
 optimizers built on the CPU.
 """
 
