@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -132,6 +133,18 @@ def commit_checkpoint(root: str, ckpt_dir: str, step: int, metadata: dict[str, A
     layout.mark_latest(root, step)
 
 
+@dataclass(frozen=True)
+class Restored:
+    """What a loaded training checkpoint hands back besides the model and optimizer state."""
+
+    step: int
+    """Optimizer steps done when it was saved."""
+    data_state: dict[str, Any]
+    """The training data iterator's position (``MicroBatchIterator.state_dict``)."""
+    metadata: dict[str, Any]
+    """Its ``megatron_ift.json`` (the saved config under ``config``)."""
+
+
 def load_checkpoint(
     ckpt_dir: str,
     chunks: Sequence[torch.nn.Module],
@@ -140,8 +153,8 @@ def load_checkpoint(
     *,
     use_distributed_optimizer: bool,
     override_scheduler: bool = False,
-) -> dict[str, Any]:
-    """Collectively load a full training checkpoint; returns ``{"step", "data", "metadata"}``.
+) -> Restored:
+    """Collectively load a full training checkpoint into ``chunks``, ``optimizer`` and ``scheduler``.
 
     Args:
         override_scheduler: keep the scheduler's configured schedule (lr, steps, ...) and take
@@ -187,7 +200,7 @@ def load_checkpoint(
             scheduler.override_opt_param_scheduler = True
             scheduler.use_checkpoint_opt_param_scheduler = False
         scheduler.load_state_dict(loaded["scheduler"])
-    return {"step": int(loaded["step"]), "data": loaded["data"], "metadata": meta}
+    return Restored(step=int(loaded["step"]), data_state=loaded["data"], metadata=meta)
 
 
 _LR_KEYS = ("max_lr", "min_lr")

@@ -269,14 +269,14 @@ class Trainer:
 
     def _resume(self) -> None:
         cfg = self.cfg
-        state = load_checkpoint(
+        restored = load_checkpoint(
             self.resume_from, self.chunks, self.optimizer, self.scheduler,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             override_scheduler=cfg.checkpoint.override_scheduler,
         )
-        self.start_step = state["step"]
+        self.start_step = restored.step
         try:
-            self.train_iter.load_state_dict(state["data"])
+            self.train_iter.load_state_dict(restored.data_state)
         except ValueError as exc:
             raise ConfigError(
                 f"resuming {self.resume_from}: the data no longer matches its saved position "
@@ -284,7 +284,7 @@ class Trainer:
                 f"(checkpoint.pretrained={self.resume_from} and a new checkpoint.dir)"
             ) from None
         print_rank0(f"resumed from {self.resume_from} at step {self.start_step}")
-        for line in run_dir.check_resume_options(self.resume_from, state["metadata"].get("config", {}), cfg):
+        for line in run_dir.check_resume_options(self.resume_from, restored.metadata.get("config", {}), cfg):
             print_rank0(line)
         if self.start_step < cfg.train.steps and rank() == 0:
             run_dir.mark_incomplete(cfg.checkpoint.dir)
