@@ -8,7 +8,9 @@ the traceback as well. The catalogue of messages is ``docs/errors.md``.
 
 Exit codes: 0 success, 1 an unexpected internal error (a traceback: a bug to report), 2
 configuration, 3 data, 4 checkpoint, 5 conversion, 6 training stopped by the non-finite policy,
-130 a second Ctrl-C.
+7 the job could not make progress (a hang, a rank gone, a save that cannot finish: requeue, the
+next run resumes from ``latest``), 8 a storage fault while writing the run folder (disk full,
+read-only, quota: fix the storage first; not requeued), 130 a second Ctrl-C.
 
 The classes keep their historical import paths (``megatron_ift.validation.ConfigError``,
 ``megatron_ift.data.errors.DataError``, ``megatron_ift.checkpoint.layout.CheckpointError``,
@@ -66,6 +68,25 @@ class TrainingDiverged(MegatronIFTError, FloatingPointError):
 
     exit_code = 6
     kind = "training stopped"
+
+
+EXIT_NO_PROGRESS = 7
+"""A rank made no progress (hang), lost a peer, or could not finish a save after SIGTERM."""
+
+
+class RankLost(MegatronIFTError, RuntimeError):
+    """Another rank of the job died or stopped answering; the message names it."""
+
+    exit_code = EXIT_NO_PROGRESS
+    kind = "rank lost"
+
+
+class StorageError(MegatronIFTError, OSError):
+    """Writing the run folder failed (no space, read-only, quota, file too large); the message
+    names the path, the cause and what was kept."""
+
+    exit_code = 8
+    kind = "storage error"
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C

@@ -10,9 +10,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_ift.errors import TrainingDiverged, run_cli
+from megatron_ift.errors import MegatronIFTError, RankLost, StorageError, TrainingDiverged, run_cli
 from megatron_ift.platform import bootstrap
+from megatron_ift.training import storage
 from megatron_ift.training.config import load_run_config
+from megatron_ift.training.heartbeat import is_peer_failure
+
+#: Seconds a failed collective waits for the heartbeats to tell which peer is gone.
+PEER_WAIT_S = 15.0
 
 
 def _train(argv: list[str]) -> int:
@@ -33,10 +38,27 @@ def _train(argv: list[str]) -> int:
     try:
         trainer.setup()
         return trainer.train()
+    except MegatronIFTError:
+        raise
     except FloatingPointError as exc:  # the non-finite policy stopped the run
-        if isinstance(exc, TrainingDiverged):
-            raise
         raise TrainingDiverged(str(exc)) from exc
+    except OSError as exc:
+        fault = storage.storage_oserror(exc)
+        if fault is None:
+            raise
+        raise StorageError(f"writing {storage.describe(fault)}; the previous complete checkpoint "
+                           "stays latest; fix the storage, then run again to resume") from exc
+    except Exception as exc:
+        if not is_peer_failure(exc):
+            raise
+        # A collective that failed because a peer went away: name it (its heartbeats lapse).
+        missing = trainer.missing_peers(wait_s=PEER_WAIT_S)
+        if not missing:
+            raise
+        dump = trainer.watchdog.record(f"{type(exc).__name__}: {exc}")
+        raise RankLost(f"rank {trainer.watchdog.rank} in {trainer.watchdog.where}: {missing} "
+                       f"({type(exc).__name__} in a collective); stacks in {dump}; a requeue resumes "
+                       "from the latest complete checkpoint") from exc
     finally:
         trainer.close()
 

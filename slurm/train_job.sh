@@ -12,7 +12,9 @@
 #     trainer stopped cleanly (preempted, or exit 0 before the end), requeue the job (same job
 #     id, same RUN_DIR) and the next run resumes from RUN_DIR's latest checkpoint. A failed step
 #     (non-zero exit without a pre-timeout signal) is not requeued unless REQUEUE_ON_FAILURE=1:
-#     a configuration error or a bug would otherwise loop.
+#     a configuration error or a bug would otherwise loop. A step that ended because it could not
+#     make progress (the trainer's watchdog or a lost rank, exit code 7: a stack dump in
+#     RUN_DIR/hangs/ newer than this run's start) is requeued: the next run resumes from latest.
 #
 # Variables (set by the sbatch script; CAPS names may also come from the submitting environment):
 #   REPO_DIR          the checkout (on a filesystem every node sees); jobs run from it
@@ -54,6 +56,9 @@ export DRY_RUN="${DRY_RUN:-0}"
 
 RESTART="${SLURM_RESTART_COUNT:-0}"
 mkdir -p "${RUN_DIR}" "${LOG_DIR}"
+# Marks this run's start: a stack dump in RUN_DIR/hangs newer than it means "no progress".
+RUN_STARTED="${RUN_DIR}/.run_started_${SLURM_JOB_ID}_${RESTART}"
+touch "${RUN_STARTED}"
 job_log "run ${RESTART}: ${NNODES} node(s) x ${NPROC_PER_NODE} processes, store ${MASTER_ADDR}:${MASTER_PORT}"
 job_log "config ${CONFIG}; checkpoints in ${RUN_DIR}; node logs in ${LOG_DIR}"
 
@@ -105,7 +110,12 @@ if ((TERMINATED)); then
     job_log "terminated by Slurm (scancel, time limit or preemption): not requeueing"
     exit "${STEP_RC}"
 fi
-if ((STEP_RC != 0 && !PREEMPTED)) && [[ "${REQUEUE_ON_FAILURE:-0}" != 1 ]]; then
+HUNG=0
+if [[ -d "${RUN_DIR}/hangs" ]] && [[ -n "$(find "${RUN_DIR}/hangs" -type f -newer "${RUN_STARTED}" -print -quit)" ]]; then
+    HUNG=1
+    job_log "a rank could not make progress (stack dumps in ${RUN_DIR}/hangs): requeueing from the latest checkpoint"
+fi
+if ((STEP_RC != 0 && !PREEMPTED && !HUNG)) && [[ "${REQUEUE_ON_FAILURE:-0}" != 1 ]]; then
     job_log "training failed (status ${STEP_RC}; node logs in ${LOG_DIR}): not requeueing" \
         "(REQUEUE_ON_FAILURE=1 retries failures from the last checkpoint)"
     exit "${STEP_RC}"

@@ -21,7 +21,7 @@ END = "<!-- END GENERATED -->"
 CLASSES = {
     "ConfigError": "ConfigError", "FP8UnsupportedError": "ConfigError", "DataError": "DataError",
     "CheckpointError": "CheckpointError", "ConversionError": "ConversionError",
-    "TrainingDiverged": "TrainingDiverged",
+    "TrainingDiverged": "TrainingDiverged", "RankLost": "RankLost", "StorageError": "StorageError",
 }
 
 

@@ -34,6 +34,8 @@ from megatron_ift.checkpoint.model_io import (
     model_sharded_state_dict,
 )
 from megatron_ift.distributed import rank as _rank
+from megatron_ift.errors import StorageError
+from megatron_ift.training import storage
 from megatron_ift.mcore_compat import (
     DISTRIB_OPTIM_SHARDING,
     init_optimizer_state,
@@ -91,6 +93,7 @@ def save_checkpoint(
         _barrier()
         return ckpt_dir
     replaced = None
+    was_latest = False
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         if complete:
@@ -99,7 +102,8 @@ def save_checkpoint(
             replaced = ckpt_dir + layout.REPLACED_SUFFIX
             if os.path.isdir(replaced):
                 shutil.rmtree(replaced)
-            if layout.resolve_name(root) == os.path.basename(ckpt_dir):
+            was_latest = layout.resolve_name(root) == os.path.basename(ckpt_dir)
+            if was_latest:
                 os.remove(os.path.join(root, layout.LATEST))
                 if resumed_from and os.path.dirname(os.path.abspath(resumed_from)) == os.path.abspath(root):
                     layout.atomic_write_text(os.path.join(root, layout.LATEST),
@@ -113,7 +117,13 @@ def save_checkpoint(
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else {}
     state["data"] = data_state
     state["step"] = step
-    dist_checkpointing.save(state, ckpt_dir)
+    try:
+        dist_checkpointing.save(state, ckpt_dir)
+    except BaseException as exc:  # torch's CheckpointException derives from BaseException
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        _discard_failed_save(root, ckpt_dir, step, replaced, was_latest, exc)
+        raise
     _barrier()  # every rank's shards are on disk
     if _rank() == 0:
         commit_checkpoint(root, ckpt_dir, step, metadata)
@@ -122,6 +132,28 @@ def save_checkpoint(
         layout.prune(root, keep_last)
     _barrier()
     return ckpt_dir
+
+
+def _discard_failed_save(root: str, ckpt_dir: str, step: int, replaced: Optional[str],
+                         was_latest: bool, exc: BaseException) -> None:
+    """After a failed save: drop the half-written folder (rank 0), put a folder it was replacing
+    back, and raise :class:`StorageError` when the storage is at fault (probed with a real write,
+    :func:`megatron_ift.training.storage.probe`); other failures propagate as they are."""
+    cause = storage.probe(ckpt_dir)
+    if _rank() == 0:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if replaced and os.path.isdir(replaced):
+            os.replace(replaced, ckpt_dir)
+            if was_latest:
+                layout.mark_latest(root, step)
+    if cause is None:
+        return
+    latest = layout.resolve_name(root) if os.path.isdir(root) else None
+    kept = f"the previous complete checkpoint {latest} stays latest" if latest else "no complete checkpoint exists yet"
+    raise StorageError(
+        f"saving {ckpt_dir}: {cause}; nothing of this save is kept and {kept}; free space or fix "
+        "the folder's permissions or quota, then run again to resume"
+    ) from exc
 
 
 def commit_checkpoint(root: str, ckpt_dir: str, step: int, metadata: dict[str, Any]) -> None:

@@ -111,6 +111,11 @@ class TrainConfig:
     """Activation recomputation: ``none``, ``selective`` (attention core) or ``full``."""
     recompute_num_layers: int = 1
     """``full`` recomputation: layers per recomputed block (uniform method)."""
+    hang_timeout_s: float = 0.0
+    """End the job (exit code 7, every thread's stack written) when a rank reports no progress
+    for this long during training or evaluation (docs/scale_out.md, "When a job hangs or dies").
+    0: derived from the run, 10 x the slowest step measured so far, at least 600 s (30 minutes
+    before the first step completes)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "global_batch_size", "max_skipped_steps",
@@ -120,6 +125,7 @@ class TrainConfig:
         check_positive_int("train.eval_max_batches", self.eval_max_batches, allow_zero=True)
         check_positive_int("train.exit_after_steps", self.exit_after_steps, allow_zero=True)
         check_literals(self, "train")
+        check_range("train.hang_timeout_s", self.hang_timeout_s, 0.0)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -161,10 +167,20 @@ class CheckpointConfig:
     break_lock: bool = False
     """Take ``<dir>/run.lock`` even if another live run seems to hold it (its holder died on
     another host, say). Never set it while that run is alive."""
+    save_timeout_s: float = 0.0
+    """End the job (exit code 7) when a checkpoint save or load makes no progress for this long
+    (a stuck filesystem or writer process). 0: 4 x the longest save measured so far, at least
+    900 s."""
+    sigterm_timeout_s: float = 25.0
+    """After SIGTERM (Slurm's scancel, time limit or preemption, followed by SIGKILL after its
+    KillWait, 30 s by default), the save and exit must be done within this many seconds, else
+    the job ends with exit code 7 and the previous complete checkpoint stays ``latest``."""
 
     def __post_init__(self) -> None:
         if not self.dir:
             raise ConfigError("checkpoint.dir must be set")
+        check_range("checkpoint.save_timeout_s", self.save_timeout_s, 0.0)
+        check_range("checkpoint.sigterm_timeout_s", self.sigterm_timeout_s, 0.0, low_inclusive=False)
         check_positive_int("checkpoint.save_interval", self.save_interval, allow_zero=True)
         check_positive_int("checkpoint.keep_last", self.keep_last)
 
@@ -181,9 +197,16 @@ class LoggingConfig:
     """A tqdm bar with ETA on rank 0 (off when stdout is not a terminal)."""
     peak_tflops: float = 989.0
     """Per-GPU dense bf16 peak used for MFU (H100 SXM: 989)."""
+    straggler_interval: int = 50
+    """Every N steps, gather each rank's compute time per step (up to its gradient
+    synchronisation) and log the spread (0: never)."""
+    straggler_factor: float = 1.5
+    """Name the slowest rank when its compute time exceeds the median by this factor."""
 
     def __post_init__(self) -> None:
         check_positive_int("logging.log_interval", self.log_interval)
+        check_positive_int("logging.straggler_interval", self.straggler_interval, allow_zero=True)
+        check_range("logging.straggler_factor", self.straggler_factor, 1.0, low_inclusive=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,7 @@ from megatron_ift.platform import Platform
 from megatron_ift.training import metrics
 from megatron_ift.training.config import RunConfig
 from megatron_ift.training.step_metrics import StepMetrics
+from megatron_ift.training.stragglers import Spread
 
 
 class MetricsLogger:
@@ -49,9 +50,11 @@ class MetricsLogger:
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log_step(self, step: int, m: StepMetrics, *, grad_norm: Optional[float], step_time: float,
-                 lr: float, loss_scale: Optional[float] = None) -> dict[str, float]:
+                 lr: float, loss_scale: Optional[float] = None,
+                 spread: Optional[Spread] = None) -> dict[str, float]:
         """Report optimizer step ``step`` (1-based); returns the record written to
-        ``metrics.jsonl`` (without ``step``)."""
+        ``metrics.jsonl`` (without ``step``). ``spread``: the ranks' compute-time spread, on the
+        steps it was gathered."""
         cfg = self.cfg
         record: dict[str, Any] = m.as_dict()
         rates = metrics.throughput(
@@ -65,8 +68,18 @@ class MetricsLogger:
                       step_time=step_time, peak_memory_gb=self.platform.peak_memory_gb())
         if loss_scale is not None:
             record["loss_scale"] = float(loss_scale)
+        if spread is not None:
+            record.update(spread.as_dict())
         if not self.rank0:
             return record
+        if spread is not None:
+            print(f"step {step}: compute time per step over ranks min {spread.min:.3f} s, median "
+                  f"{spread.median:.3f} s, max {spread.max:.3f} s (rank {spread.slowest_rank} on "
+                  f"{spread.slowest_host})", flush=True)
+            if spread.factor > cfg.logging.straggler_factor:
+                print(f"straggler: rank {spread.slowest_rank} on {spread.slowest_host} takes "
+                      f"{spread.factor:.2f}x the median compute time per step (limit "
+                      f"{cfg.logging.straggler_factor}x)", flush=True)
         self._scalars("train", record, step)
         with open(self.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")

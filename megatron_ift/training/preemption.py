@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,10 +26,13 @@ class Preemption:
 
     Args:
         platform: the flag of :meth:`agreed` lives on its device (NCCL takes no host tensors).
+        on_signal: called with the signal number from the handler (the watchdog's deadline for
+            the save and exit); must not block.
     """
 
-    def __init__(self, platform: Platform) -> None:
+    def __init__(self, platform: Platform, on_signal: Callable[[int], None] = lambda signum: None) -> None:
         self.platform = platform
+        self.on_signal = on_signal
         self.signum: Optional[int] = None
         self.aborted = False
 
@@ -48,6 +51,7 @@ class Preemption:
                 print("interrupted: saving a checkpoint at the end of this step "
                       "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
         self.signum = signum
+        self.on_signal(signum)
 
     def check_abort(self) -> None:
         """Raise ``KeyboardInterrupt`` if a second Ctrl-C came, even if its first raise was lost."""

@@ -335,7 +335,8 @@ class RunLock:
             os.remove(tmp)
 
     def release(self) -> None:
-        """Remove the lock if this process holds it (idempotent)."""
+        """Remove the lock if this process holds it (idempotent). Best effort: on a folder that
+        became read-only the file stays, and the next run sees its holder is gone (stale)."""
         if not self.held:
             return
         self.held = False
@@ -343,7 +344,7 @@ class RunLock:
         if h and h.get("pid") == os.getpid() and h.get("host") == socket.gethostname():
             try:
                 os.remove(self.path)
-            except FileNotFoundError:
+            except OSError:
                 pass
 
 

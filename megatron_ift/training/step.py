@@ -23,7 +23,7 @@ points (no hooks); every metric is a device tensor until one reduction per step
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,8 @@ class IFTStep:
         platform: the compute device and its host-sync discipline.
         thd: packed rows reach attention as Transformer Engine THD sequences
             (``packed_seq_params``) rather than a dense mask (the TE layer spec).
+        progress: called with the name of each part of the step as it starts (the watchdog,
+            :mod:`megatron_ift.training.watchdog`).
 
     Device discipline: micro-batches arrive on the host and are moved to the compute device
     once, with their data-dependent metadata computed on the host first
@@ -85,6 +87,7 @@ class IFTStep:
         micro_batch_size: int,
         platform: Platform,
         thd: bool = False,
+        progress: Callable[[str], None] = lambda part: None,
     ) -> None:
         self.chunks = list(chunks)
         self.cfg = cfg
@@ -93,6 +96,7 @@ class IFTStep:
         self.micro_batch_size = micro_batch_size
         self.platform = platform
         self.thd = thd
+        self.progress = progress
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         config = unwrap(self.chunks[0]).config
         if not config.calculate_per_token_loss:
@@ -116,7 +120,9 @@ class IFTStep:
         sums = StepSums()
         estimates: list[Optional[torch.Tensor]] = [None] * len(microbatches)
         if lam > 0.0:
+            self.progress("estimation pass")
             estimates = self._estimation_pass(microbatches, step, sums)
+        self.progress("forward-only pass" if forward_only else "optimisation pass (forward and backward)")
         with self.platform.no_host_sync("the optimisation pass's micro-batch loop"):
             reports = get_forward_backward_func()(
                 forward_step_func=partial(self._optimisation_forward, estimates=estimates, lam=lam),
@@ -136,6 +142,7 @@ class IFTStep:
                 sums.sft_sum, sums.sft_count = optimisation.mixed_sft_sum, optimisation.count
         groups = (parallel_state.get_pipeline_model_parallel_group(),
                   parallel_state.get_data_parallel_group()) if dist.is_initialized() else ()
+        self.progress("metric reduction")
         return sums.reduce(groups, self.platform.device, lam)
 
     # -- pass 1 -------------------------------------------------------------------------------

@@ -10,12 +10,19 @@ folder's lock, the metrics writer, the process groups) on every exit path.
 * :meth:`~Trainer.train`: optimizer steps to ``train.steps``; after each,
   :func:`megatron_ift.training.policy.after_step` says whether to evaluate, save, stop; a
   preemption signal saves and stops at the next step boundary.
+
+Every part of a step, evaluation, save and load reports its progress to the rank's
+:class:`~megatron_ift.training.watchdog.Watchdog`, which ends a job that stops making progress
+(naming the rank, phase and the peers that went silent, :mod:`megatron_ift.training.heartbeat`);
+the ranks' compute-time spread is logged every ``logging.straggler_interval`` steps
+(:mod:`megatron_ift.training.stragglers`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from typing import Any, Optional
 
@@ -40,8 +47,11 @@ from megatron_ift.training.logger import MetricsLogger
 from megatron_ift.training.policy import after_step
 from megatron_ift.training.preemption import Preemption
 from megatron_ift.training.preflight import check_platform
+from megatron_ift.training.heartbeat import Heartbeat
 from megatron_ift.training.step import IFTStep
 from megatron_ift.training.step_metrics import StepMetrics
+from megatron_ift.training.stragglers import StragglerMonitor
+from megatron_ift.training.watchdog import Timeouts, Watchdog
 
 
 def transformer_overrides(cfg: RunConfig) -> dict[str, Any]:
@@ -86,7 +96,13 @@ class Trainer:
         self.config_path = config_path
         self.lock = run_dir.RunLock(cfg.checkpoint.dir)
         self.logger: Optional[MetricsLogger] = None
-        self.preemption = Preemption(platform)
+        self.watchdog = Watchdog(
+            Timeouts(step=cfg.train.hang_timeout_s, save=cfg.checkpoint.save_timeout_s,
+                     sigterm=cfg.checkpoint.sigterm_timeout_s),
+            rank=rank(), run_dir=cfg.checkpoint.dir, peers=self._silent_peers,
+        )
+        self.heartbeat: Optional[Heartbeat] = None
+        self.preemption = Preemption(platform, on_signal=self._preempted)
         self.start_step = 0
         self.resume_from: Optional[str] = None
         self._groups = False
@@ -112,6 +128,14 @@ class Trainer:
 
         init_distributed(cfg.parallel, self.platform)
         self._groups = True
+        # A peer is reported silent well within the time the watchdog gives a phase.
+        stale = min(10.0, max(3.0, self.watchdog.limit("step") / 2))
+        self.heartbeat = Heartbeat(rank(), dist.get_world_size(), phase=lambda: self.watchdog.where,
+                                   interval_s=stale / 4, stale_s=stale)
+        self.heartbeat.start()
+        # A gloo group of every rank, for host objects (the straggler gather) next to NCCL.
+        everyone = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
+        self.stragglers = StragglerMonitor(self.platform, cfg.logging.straggler_interval, everyone)
         seed_step(cfg.train.seed, 0, self.platform)
         if self.resume_from == "overwrite":
             if rank() == 0:
@@ -119,11 +143,16 @@ class Trainer:
             dist.barrier()
             self.resume_from = None
         self._build()
+        # Watched from here: the data build before (rank 0 tokenises while the others wait) may
+        # legitimately take longer than any step.
+        self.watchdog.start()
         if self.resume_from:
-            self._resume()
+            with self.watchdog.phase("load", 0, kind="save"):
+                self._resume()
         elif cfg.checkpoint.pretrained:
             path = layout.resolve(cfg.checkpoint.pretrained) or cfg.checkpoint.pretrained
-            load_pretrained(path, self.chunks)
+            with self.watchdog.phase("load", 0, kind="save"):
+                load_pretrained(path, self.chunks)
             print_rank0(f"initialised from pretrained weights {path}")
         self.logger = MetricsLogger(cfg, self.platform, start_step=self.start_step,
                                     rank0=rank() == 0, world_size=dist.get_world_size())
@@ -152,8 +181,11 @@ class Trainer:
                 return 0
             seed_step(t.seed, step, self.platform)
             start = time.perf_counter()
-            metrics, grad_norm, updated = self._optimizer_step(step)
+            with self.watchdog.phase("step", step):
+                metrics, grad_norm, updated = self._optimizer_step(step)
             elapsed = time.perf_counter() - start
+            self.watchdog.step_done(step, elapsed)
+            spread = self.stragglers.step_finished(step + 1)
             if updated:
                 skipped = 0
             else:
@@ -169,10 +201,12 @@ class Trainer:
             scale = getattr(self.optimizer, "get_loss_scale", None)
             self.logger.log_step(step, metrics, grad_norm=grad_norm, step_time=elapsed,
                                  lr=self.optimizer.param_groups[0]["lr"],
-                                 loss_scale=float(scale()) if scale is not None else None)
+                                 loss_scale=float(scale()) if scale is not None else None,
+                                 spread=spread)
             actions = after_step(cfg, step, start_step=self.start_step, has_eval=self.data.eval is not None)
             if actions.evaluate:
-                self.evaluate(step)
+                with self.watchdog.phase("evaluation", step):
+                    self.evaluate(step)
             if actions.save:
                 self.save(step)
             if actions.stop and not actions.complete:
@@ -184,8 +218,12 @@ class Trainer:
         return 0
 
     def close(self) -> None:
-        """Release what :meth:`setup` took: the metrics writer, the run folder's lock, the
-        process groups. Idempotent; safe after a failed or partial setup."""
+        """Release what :meth:`setup` took: the watchdog and heartbeat threads, the metrics
+        writer, the run folder's lock, the process groups. Idempotent; safe after a failed or
+        partial setup."""
+        self.watchdog.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.logger is not None:
             self.logger.close()
         self.lock.release()
@@ -225,6 +263,28 @@ class Trainer:
     def save(self, step: int) -> None:
         """Save a full checkpoint of step ``step`` (collective)."""
         self.preemption.check_abort()  # a second Ctrl-C means: do not save
+        with self.watchdog.phase("save", step, kind="save"):
+            self._save(step)
+        print_rank0(f"saved checkpoint at step {step} to {self.cfg.checkpoint.dir}")
+
+    def missing_peers(self, wait_s: float = 0.0) -> str:
+        """The ranks that went silent (waiting up to ``wait_s`` for their heartbeats to lapse),
+        or ""; for the message of a collective that failed because a peer is gone."""
+        if self.heartbeat is None:
+            return ""
+        return self.heartbeat.wait_for_missing(wait_s)
+
+    def _silent_peers(self) -> str:
+        return self.heartbeat.missing() if self.heartbeat is not None else ""
+
+    def _preempted(self, signum: int) -> None:
+        # Called from the signal handler: SIGTERM / Ctrl-C are followed by a hard kill soon
+        # (Slurm's KillWait), the pre-timeout USR1 leaves the time a save needs.
+        seconds = (self.cfg.checkpoint.sigterm_timeout_s if signum != signal.SIGUSR1
+                   else self.watchdog.limit("save"))
+        self.watchdog.deadline(seconds, f"{signal.Signals(signum).name} (save and exit within {seconds:.0f} s)")
+
+    def _save(self, step: int) -> None:
         if self.cfg.parallel.overlap_param_gather:
             # Overlapped parameter gathering leaves the weights of the other data-parallel
             # shards to be gathered at the next forward (megatron DDP's pre-hooks); a checkpoint
@@ -240,7 +300,6 @@ class Trainer:
             keep_last=self.cfg.checkpoint.keep_last,
             resumed_from=self.resume_from if step == self.start_step else None,
         )
-        print_rank0(f"saved checkpoint at step {step} to {self.cfg.checkpoint.dir}")
 
     def _build(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -254,6 +313,7 @@ class Trainer:
             mixing_embeddings=cfg.ift.mixing_embeddings, transformer_overrides=transformer_overrides(cfg),
             packed_rows=cfg.data.packing,
         )
+        tconfig.finalize_model_grads_func = self.stragglers.wrap_finalize(tconfig.finalize_model_grads_func)
         self.optimizer = build_optimizer(self.chunks, cfg.optimizer, cfg.model, cfg.parallel, tconfig)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, t.steps)
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -265,6 +325,7 @@ class Trainer:
             self.chunks, cfg.ift, cfg.model.vocab_size, seq_length=cfg.data.seq_length,
             micro_batch_size=t.micro_batch_size, platform=self.platform,
             thd=resolve_transformer_impl(cfg.model, self.platform) == "transformer_engine",
+            progress=self.watchdog.progress,
         )
 
     def _resume(self) -> None:
@@ -294,8 +355,11 @@ class Trainer:
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self.watchdog.progress("data")
         batches = [next(self.train_iter) for _ in range(self.num_microbatches)]
+        self.stragglers.step_started()
         metrics = self.step_fn(batches, step)
+        self.watchdog.progress("optimizer step")
         found_inf = self.optimizer.prepare_grads()  # fp16: unscale and detect overflow
         grad_norm = float("nan") if found_inf else (
             self.optimizer.clip_grad_norm(self.cfg.optimizer.clip_grad)

@@ -28,6 +28,9 @@ for ((node = 0; node < SLURM_NNODES; node++)); do
     SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 SLURM_STEP_ID=0 \
         "$@" > "$STUB_DIR/node$node.cmd" || exit $?
 done
+if [[ -n "${STUB_SRUN_HANG:-}" ]]; then  # the trainer's watchdog left a stack dump
+    sleep 1.1; mkdir -p "$RUN_DIR/hangs"; echo "stacks" > "$RUN_DIR/hangs/rank3-gpu001-77.txt"
+fi
 exit "${STUB_SRUN_RC:-0}"   # what the training step returns
 """
 
@@ -153,6 +156,21 @@ def test_failed_step_is_requeued_only_when_asked(tmp_path, retry):
         assert "dry run: would requeue" in out
     else:
         assert "training failed (status 3" in out and "would requeue" not in out
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_step_that_could_not_make_progress_is_requeued(tmp_path, fresh):
+    """The watchdog (or a lost rank) ends the step with a stack dump in RUN_DIR/hangs: requeue,
+    the next run resumes from latest. A dump left by an earlier run does not count."""
+    if not fresh:
+        (tmp_path / "run" / "hangs").mkdir(parents=True)
+        (tmp_path / "run" / "hangs" / "rank0-old-1.txt").write_text("an earlier run's")
+    out, *_ = _dry_run(tmp_path, "cpu_demo.sbatch", 1, expect_rc=0 if fresh else 1,
+                       env_extra=dict(STUB_SRUN_RC="1", **({"STUB_SRUN_HANG": "1"} if fresh else {})))
+    if fresh:
+        assert "could not make progress" in out and "dry run: would requeue" in out
+    else:
+        assert "training failed (status 1" in out and "would requeue" not in out
 
 
 def test_missing_config_fails_before_srun(tmp_path):

@@ -28,8 +28,9 @@ def test_error_types_keep_their_old_import_paths_and_bases():
     assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)
     assert issubclass(CheckpointError, RuntimeError) and issubclass(ConversionError, RuntimeError)
     codes = [c.exit_code for c in (ConfigError, DataError, CheckpointError, ConversionError,
-                                   errors.TrainingDiverged)]
+                                   errors.TrainingDiverged, errors.RankLost, errors.StorageError)]
     assert len(set(codes)) == len(codes) and 1 not in codes and 0 not in codes
+    assert errors.RankLost.exit_code == errors.EXIT_NO_PROGRESS == 7  # what the watchdog exits with
 
 
 @pytest.mark.parametrize("exc", [ConfigError("bad key x"), DataError("f.jsonl:3: bad"),
