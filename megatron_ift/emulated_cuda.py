@@ -215,6 +215,8 @@ class _PlacementMode(TorchFunctionMode):
             return self._to_host(args[0], "cpu()")
         if func in (torch.Tensor.pin_memory, torch.Tensor.is_pinned):
             return args[0] if func is torch.Tensor.pin_memory else False  # no pinned memory here
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # a factory's pinned host tensor: a plain one here
         if func in (torch.Tensor.tolist, torch.Tensor.numpy) and on_device(args[0]):
             _host_sync(func.__name__ + "()")
             return func(*args, **kwargs)

@@ -22,7 +22,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations along the sequence in norm/dropout regions (needs TP > 1)."""
     context_parallel_size: int = 1
-    """Context parallelism (not yet supported by the IFT step: must be 1)."""
+    """Context parallelism: every row split along the sequence over this many ranks
+    (megatron-core's load-balanced layout; ``data.seq_length`` a multiple of 2 x this). The
+    local spec's attention all-gathers keys and values; the Transformer Engine spec uses TE's
+    context-parallel attention."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
@@ -50,11 +53,6 @@ class ParallelConfig:
                 )
         if self.sequence_parallel and self.tensor_model_parallel_size < 2:
             raise ConfigError("parallel.sequence_parallel=true needs tensor_model_parallel_size >= 2")
-        if self.context_parallel_size != 1:
-            raise ConfigError(
-                "parallel.context_parallel_size > 1 is not supported by the IFT step yet; "
-                "set it to 1 (use sequence_parallel for long sequences)"
-            )
         check_literals(self, "parallel")
 
     @property
@@ -70,10 +68,10 @@ class ParallelConfig:
         mp = self.model_parallel_size * self.context_parallel_size
         if world_size % mp:
             raise ConfigError(
-                f"world size {world_size} is not divisible by tensor x pipeline parallel = "
-                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} = {mp}; "
-                "change parallel.tensor_model_parallel_size / pipeline_model_parallel_size or "
-                "the number of processes"
+                f"world size {world_size} is not divisible by tensor x pipeline x context parallel = "
+                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} x "
+                f"{self.context_parallel_size} = {mp}; change parallel.tensor_model_parallel_size / "
+                "pipeline_model_parallel_size / context_parallel_size or the number of processes"
             )
         return world_size // mp
 

@@ -50,6 +50,11 @@ class Batch:
         """Rows ``start:stop`` (views)."""
         return self._map(lambda t: t[start:stop])
 
+    def columns(self, positions: torch.Tensor) -> "Batch":
+        """The tokens at ``positions [k]`` of every row (``sample_ids`` kept): a context-parallel
+        rank's share."""
+        return self._map(lambda t: t[:, positions] if t.dim() == 2 else t)
+
     def without_loss(self) -> "Batch":
         """The same rows with nothing trained (a filler micro-batch)."""
         return dataclasses.replace(self, loss_mask=torch.zeros_like(self.loss_mask))

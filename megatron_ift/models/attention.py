@@ -17,6 +17,15 @@ the key/value heads for grouped-query attention. :class:`SDPAttention` is a drop
 * attention dropout via ``dropout_p`` in training mode, under megatron-core's model-parallel RNG
   tracker like the local module (different random stream, same distribution).
 
+Context parallelism (the all-gather scheme, exact): every rank's queries attend to the keys
+and values of the whole row, all-gathered over the context-parallel group (their gradients
+reduce-scattered back) and put in sequence order. Rows that are not packed need no mask tensor:
+each of the rank's two chunks of the load-balanced layout (global chunk ``g`` of ``c`` tokens)
+attends to the first ``(g + 1) c`` keys with a lower-right aligned causal mask
+(``torch.nn.attention.bias.causal_lower_right``, which the fused kernels take). Packed rows come
+with the block mask of their global positions, ``[b, 1, s/cp, s]``
+(:meth:`megatron_ift.training.microbatch.MicroBatch.attention_mask`).
+
 Select it with ``model.attention_backend`` (``auto``: this module whenever the Transformer
 Engine spec is not used).
 """
@@ -29,6 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from torch.nn.attention.bias import causal_lower_right
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -36,6 +46,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
+
+from megatron_ift.ift.context_parallel import gather_seq_first, gathered_order
 
 
 class SDPAttention(MegatronModule):
@@ -48,8 +60,9 @@ class SDPAttention(MegatronModule):
         attention_type: ``self`` or ``cross`` (unused, as in megatron-core).
         attention_dropout: dropout probability (default: ``config.attention_dropout``).
         softmax_scale: scale of the scores (default: ``1 / sqrt(head_dim)``).
-        cp_comm_type: context-parallel communication (context parallelism is not supported).
-        pg_collection: process groups; needs ``tp``.
+        cp_comm_type: context-parallel communication: ``all_gather`` (the only scheme here) or
+            None.
+        pg_collection: process groups; needs ``tp`` (and ``cp`` with context parallelism).
     """
 
     def __init__(
@@ -64,11 +77,9 @@ class SDPAttention(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "model.attention_backend=sdpa does not support context parallelism; use "
-                "model.transformer_impl=transformer_engine"
-            )
+        if cp_comm_type not in (None, "all_gather"):
+            raise ValueError(f"SDPAttention's context parallelism all-gathers keys and values; "
+                             f"cp_comm_type={cp_comm_type!r} is not supported")
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
             raise ValueError("model.attention_backend=sdpa does not support sliding-window attention")
         if config.softmax_type != "vanilla":
@@ -77,9 +88,12 @@ class SDPAttention(MegatronModule):
                 f"{config.softmax_type!r}"
             )
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None)
+        self.cp_size = config.context_parallel_size
+        self.cp_rank = self.cp_group.rank() if self.cp_size > 1 else 0
         world = pg_collection.tp.size()
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -124,6 +138,8 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPAttention does not support attention_bias")
         mask_type = attn_mask_type or self.attn_mask_type
+        if self.cp_size > 1:
+            key, value = self._gather_sequence(key, value)  # [s, b, ng/tp, hn] each
         sq, sk = query.shape[0], key.shape[0]
         # [s, b, n, hn] -> [b, n, s, hn]; SDPA accepts the strided views.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -131,6 +147,9 @@ class SDPAttention(MegatronModule):
         is_causal = False
         if attention_mask is not None:
             mask = ~attention_mask  # megatron: True = masked; SDPA: True = attend
+        elif self.cp_size > 1:
+            context = self._causal_chunks(q, k, v)
+            return context.permute(2, 0, 1, 3).reshape(sq, q.shape[0], self.hidden_size_per_partition)
         elif mask_type == AttnMaskType.causal and sq > 1:
             if sq != sk:
                 raise ValueError("a causal mask without a mask tensor needs sq == sk")
@@ -145,6 +164,31 @@ class SDPAttention(MegatronModule):
             context = self._sdpa(q, k, v, mask, is_causal, dropout_p)
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, q.shape[0], self.hidden_size_per_partition)
+
+    def _gather_sequence(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``[s/cp, b, ...]`` on every context-parallel rank -> ``[s, b, ...]`` in sequence order
+        (one index tensor for all of them: autograd keeps it for the backward)."""
+        gathered = [gather_seq_first(t, self.cp_group) for t in tensors]  # rank order
+        order = gathered_order(gathered[0].shape[0], self.cp_size, gathered[0].device)
+        return tuple(t.index_select(0, order) for t in gathered)
+
+    def _causal_chunks(self, q, k, v) -> torch.Tensor:
+        """Unpacked rows under context parallelism: each local chunk against the keys up to its
+        end, lower-right causal. ``q [b, np, s/cp, hn]``, ``k, v [b, ng, s, hn]`` (sequence
+        order) -> ``[b, np, s/cp, hn]``."""
+        c = q.shape[2] // 2
+        dropout_p = self.dropout_p if self.training else 0.0
+        out = []
+        for j, g in enumerate((self.cp_rank, 2 * self.cp_size - 1 - self.cp_rank)):
+            end = (g + 1) * c
+            bias = causal_lower_right(c, end)
+            qc = q[:, :, j * c:(j + 1) * c]
+            if dropout_p > 0.0 and not self.config.sequence_parallel:
+                with tensor_parallel.get_cuda_rng_tracker().fork():
+                    out.append(self._sdpa(qc, k[:, :, :end], v[:, :, :end], bias, False, dropout_p))
+            else:
+                out.append(self._sdpa(qc, k[:, :, :end], v[:, :, :end], bias, False, dropout_p))
+        return torch.cat(out, dim=2)
 
     def _sdpa(self, q, k, v, mask, is_causal: bool, dropout_p: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(

@@ -110,6 +110,8 @@ def transformer_config(
         **fusion_settings(platform, resolve_transformer_impl(model, platform),
                           gated=model.activation == "swiglu", bias=model.add_bias_linear),
     )
+    if parallel.context_parallel_size > 1 and resolve_transformer_impl(model, platform) == "local":
+        kwargs["cp_comm_type"] = "all_gather"  # what SDPAttention's context parallelism does
     if dist.is_initialized() and dist.get_backend() == "gloo":
         # gloo matches point-to-point messages between two ranks in posting order; batched
         # p2p ops post "send to prev" before "send to next", which swaps activations and

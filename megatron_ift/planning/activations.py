@@ -53,13 +53,23 @@ class MicroBatch:
     """Norm/dropout regions hold ``s / tp`` of the sequence (megatron's sequence parallelism)."""
     implementation: str = "transformer_engine"
     """``transformer_engine`` (GPU) or ``local`` (megatron-core local spec, CPU)."""
+    cp: int = 1
+    """Context-parallel size: this rank holds ``s / cp`` tokens of every row."""
 
     def __post_init__(self) -> None:
         check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        if self.seq_length % (2 * self.cp if self.cp > 1 else 1):
+            raise ValueError(f"seq_length {self.seq_length} is not a multiple of 2 x cp = {2 * self.cp}")
+
+    @property
+    def local_seq(self) -> int:
+        """Tokens of one row on this rank."""
+        return self.seq_length // self.cp
 
     @property
     def tokens(self) -> int:
-        return self.seq_length * self.micro_batch_size
+        """Tokens of the micro-batch on this rank."""
+        return self.local_seq * self.micro_batch_size
 
     @property
     def sp_tokens(self) -> int:
@@ -100,7 +110,7 @@ def layer_terms(model: ModelConfig, mb: MicroBatch, recompute: str = "none") -> 
     """
     check_choice("recompute", recompute, RECOMPUTE)
     p, h, a, g, d, ffn = _dims(model, mb)
-    n, n_sp, s, b = mb.tokens, mb.sp_tokens, mb.seq_length, mb.micro_batch_size
+    n, n_sp, s, b = mb.tokens, mb.sp_tokens, mb.local_seq, mb.micro_batch_size
     if recompute == "full":
         return {"layer input (checkpoint)": n_sp * h * p}
     local = mb.implementation == "local"
@@ -119,6 +129,21 @@ def layer_terms(model: ModelConfig, mb: MicroBatch, recompute: str = "none") -> 
         terms["q, k (checkpointed)"] = n * (a + g) * d * p
         terms["qkv output (v view)"] = qkv_storage
         terms["mask type (int32)"] = 4
+    elif local and model.attention_backend != "local" and mb.cp > 1:
+        # Context parallelism (SDPAttention's all-gather scheme): the keys and values of the
+        # whole rows, gathered and put in sequence order (one int64 index), are what the kernel
+        # keeps; the local k and the qkv output are not saved. Each of the rank's two chunks is
+        # its own kernel call: two outputs besides their concatenation ("attention output"),
+        # and the lower-right causal mask [c, (g + 1) c] that the CPU kernels materialise in the
+        # compute dtype (chunks g = r and 2 cp - 1 - r: c^2 (2 cp + 1) elements; CP rank 0's
+        # first chunk is plain causal, without one).
+        c = s // 2
+        terms["q"] = n * a * d * p
+        terms["k, v all-gathered over CP"] = 2 * b * mb.seq_length * g * d * p
+        terms["CP sequence-order index (int64)"] = 8 * mb.seq_length
+        terms["softmax statistics (fp32)"] = 4 * b * a * s
+        terms["chunk outputs"] = n * a * d * p
+        terms["chunk causal masks"] = c * c * (2 * mb.cp + 1) * p
     elif local and model.attention_backend != "local":
         terms["q, k"] = n * (a + g) * d * p
         terms["qkv output (v view)"] = qkv_storage
@@ -185,7 +210,7 @@ def saved_bytes(model: ModelConfig, mb: MicroBatch, *, num_layers: int, first: b
     if recompute == "full" and model.position_embedding_type == "rope":
         # The checkpointed layers share one fp32 rotary frequency table as an input.
         d = model.kv_channels or model.hidden_size // model.num_attention_heads
-        total += mb.seq_length * int(d * model.rotary_percent) * 4
+        total += mb.local_seq * int(d * model.rotary_percent) * 4
     if first:
         total += sum(embedding_terms(model, mb).values())
     if last:

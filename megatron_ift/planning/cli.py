@@ -1,4 +1,4 @@
-"""``megatron-ift plan``: per-GPU memory and ranked TP/PP/DP/VPP layouts for a cluster.
+"""``megatron-ift plan``: per-GPU memory and ranked TP/CP/PP/DP/VPP layouts for a cluster.
 
     megatron-ift plan --preset llama3-70b --nodes 8 --gpus-per-node 8 --seq-length 4096
     megatron-ift plan --config configs/my_model.yaml --nodes 1 --json
@@ -60,6 +60,10 @@ def _plan(argv: list[str]) -> int:
                         help="bf16 gradient buffer instead of fp32")
     parser.add_argument("--implementation", choices=["transformer_engine", "local"],
                         default=wl.implementation)
+    parser.add_argument("--max-cp", type=int, default=wl.max_cp,
+                        help="largest context-parallel size to consider (1: none)")
+    parser.add_argument("--min-cp-rank-tokens", type=int, default=wl.min_cp_rank_tokens,
+                        help="consider CP only while each rank keeps this many tokens of a row")
     parser.add_argument("--top", type=int, default=10, help="layouts to list")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
@@ -74,7 +78,8 @@ def _plan(argv: list[str]) -> int:
                             global_batch_size=args.global_batch_size, ift=not args.sft,
                             logits_chunk_tokens=args.logits_chunk_tokens,
                             grad_reduce_in_fp32=not args.bf16_grads,
-                            implementation=args.implementation)
+                            implementation=args.implementation, max_cp=args.max_cp,
+                            min_cp_rank_tokens=args.min_cp_rank_tokens)
         result = plan(model, cluster, workload)
     except (OSError, TypeError) as exc:
         raise ConfigError(str(exc)) from exc

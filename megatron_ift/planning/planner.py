@@ -1,4 +1,4 @@
-"""Enumerate TP x PP x DP (x VPP) layouts for a cluster, size their memory, rank them.
+"""Enumerate TP x CP x PP x DP (x VPP) layouts for a cluster, size their memory, rank them.
 
 Per layout the planner computes, for the worst pipeline stage of one GPU:
 
@@ -8,13 +8,18 @@ Per layout the planner computes, for the worst pipeline stage of one GPU:
   micro-batches a 1F1B / interleaved schedule holds in flight;
 * IFT's extra memory: the estimation pass is forward-only and runs before the training pass, so
   it adds a transient (one layer's working set plus the logits) that does not coexist with the
-  training activations, and the token ids kept between the passes.
+  training activations, and the token ids kept between the passes;
+* context parallelism (CP): every activation term holds ``s / cp`` tokens, the local spec's
+  attention keeps the all-gathered keys and values of the whole rows, the IFT step keeps each
+  micro-batch's whole rows (ids, labels, mask, positions) for the estimated sequence and the
+  weights; the distributed optimizer shards over DP x CP (megatron-core's gradient group).
 
 A layout *fits* when, with the least recomputation that fits, state + activation peak + a fixed
 reserve stay within the GPU's memory less a headroom fraction. Fitting layouts are ranked by an estimated step time: compute at an
 assumed model-FLOPs utilisation, the pipeline bubble, and tensor-, pipeline- and data-parallel
-traffic at assumed bandwidths with no overlap (megatron's defaults overlap none of it here). The
-estimate orders layouts; it is not a measured throughput.
+traffic at assumed bandwidths with no overlap (megatron's defaults overlap none of it here), and
+CP's key/value exchange (all-gather forward, reduce-scatter backward; TE's ring moves the same
+volume). The estimate orders layouts; it is not a measured throughput.
 """
 
 from __future__ import annotations
@@ -105,9 +110,17 @@ class Workload:
     """Layer implementation whose activations are modelled (``local`` is the CPU path)."""
     max_vpp: int = 8
     """Largest virtual-pipeline size considered."""
+    max_cp: int = 8
+    """Largest context-parallel size considered (1: no context parallelism)."""
+    min_cp_rank_tokens: int = 4096
+    """Context parallelism is considered only while each rank keeps at least this many tokens of
+    a row: below a few thousand, attention chunks are too short for the fused kernels to run
+    efficiently and the key/value exchange cannot hide behind them, which the cost model's fixed
+    MFU does not see (it would trade DP for CP for a smaller pipeline bubble)."""
 
     def __post_init__(self) -> None:
-        for name in ("seq_length", "micro_batch_size", "global_batch_size", "max_vpp"):
+        for name in ("seq_length", "micro_batch_size", "global_batch_size", "max_vpp", "max_cp",
+                     "min_cp_rank_tokens"):
             check_positive_int(f"workload.{name}", getattr(self, name))
         if self.logits_chunk_tokens is not None:
             check_positive_int("workload.logits_chunk_tokens", self.logits_chunk_tokens)
@@ -122,18 +135,21 @@ class Layout:
     pp: int
     dp: int
     vpp: int = 1
+    cp: int = 1
 
     @property
     def sequence_parallel(self) -> bool:
         return self.tp > 1
 
     def label(self) -> str:
+        cp = f" CP{self.cp}" if self.cp > 1 else ""
         vpp = f" VPP{self.vpp}" if self.vpp > 1 else ""
-        return f"TP{self.tp} PP{self.pp} DP{self.dp}{vpp}"
+        return f"TP{self.tp}{cp} PP{self.pp} DP{self.dp}{vpp}"
 
     def overrides(self) -> list[str]:
         """The trainer's ``parallel.*`` overrides for this layout."""
         out = [f"parallel.tensor_model_parallel_size={self.tp}",
+               f"parallel.context_parallel_size={self.cp}",
                f"parallel.pipeline_model_parallel_size={self.pp}",
                f"parallel.sequence_parallel={'true' if self.sequence_parallel else 'false'}"]
         if self.vpp > 1:
@@ -152,7 +168,8 @@ class StageMemory:
     estimation: int
     """IFT estimation pass transient (0 without IFT)."""
     token_ids: int
-    """IFT: ids of every micro-batch kept between the estimation and the training pass."""
+    """IFT: ids of every micro-batch kept between the estimation and the training pass (with
+    CP also every micro-batch's whole rows)."""
     reserved: int
 
     def activation_peak(self, recompute: str) -> int:
@@ -172,10 +189,11 @@ class StepCost:
     tp_comm: float
     pp_comm: float
     dp_comm: float
+    cp_comm: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.compute + self.bubble + self.tp_comm + self.pp_comm + self.dp_comm
+        return self.compute + self.bubble + self.tp_comm + self.pp_comm + self.dp_comm + self.cp_comm
 
     @property
     def bubble_fraction(self) -> float:
@@ -232,13 +250,17 @@ def enumerate_layouts(model: ModelConfig, cluster: Cluster, workload: Workload
     """Every layout megatron-core can run here, and the ruled-out ones with the reason.
 
     Rules: TP divides the GPUs of a node (TP traffic stays on NVLink) and the attention heads and
-    key/value groups; PP x VPP divides the layers; DP = world / (TP x PP); the global batch
-    splits into whole micro-batches per DP rank; interleaving needs PP >= 2 and a number of
-    micro-batches divisible by PP (megatron's default micro-batch grouping).
+    key/value groups; CP up to ``workload.max_cp``, each rank keeping at least
+    ``workload.min_cp_rank_tokens`` tokens of a row, with the sequence a multiple of 2 x CP
+    (megatron-core's load-balanced chunks) and, with sequence parallelism, each rank's
+    ``s / cp`` tokens a multiple of TP; PP x VPP divides the layers; DP = world / (TP x CP x PP);
+    the global batch splits into whole micro-batches per DP rank; interleaving needs PP >= 2 and a
+    number of micro-batches divisible by PP (megatron's default micro-batch grouping).
     """
     world = cluster.world_size
     valid: list[Layout] = []
     rejected: list[tuple[str, str]] = []
+    s = workload.seq_length
     for tp in _divisors(world):
         if tp > cluster.gpus_per_node or cluster.gpus_per_node % tp:
             rejected.append((f"TP{tp}", f"TP must divide the {cluster.gpus_per_node} GPUs of a "
@@ -248,21 +270,32 @@ def enumerate_layouts(model: ModelConfig, cluster: Cluster, workload: Workload
             rejected.append((f"TP{tp}", f"TP must divide {model.num_attention_heads} heads and "
                                         f"{model.query_groups} key/value groups"))
             continue
-        for pp in _divisors(world // tp):
-            dp = world // (tp * pp)
-            label = f"TP{tp} PP{pp} DP{dp}"
-            if model.num_layers % pp:
-                rejected.append((label, f"PP must divide the {model.num_layers} layers"))
+        for cp in _divisors(world // tp):
+            if cp > workload.max_cp:
                 continue
-            if workload.global_batch_size % (workload.micro_batch_size * dp):
-                rejected.append((label, f"global batch {workload.global_batch_size} is not a "
-                                        f"multiple of micro-batch x DP"))
+            if cp > 1 and s // cp < workload.min_cp_rank_tokens:
+                rejected.append((f"CP{cp}", f"{s // cp} tokens per rank is below "
+                                            f"min_cp_rank_tokens={workload.min_cp_rank_tokens}"))
                 continue
-            m = workload.global_batch_size // (workload.micro_batch_size * dp)
-            for vpp in range(1, workload.max_vpp + 1):
-                if vpp > 1 and (pp < 2 or (model.num_layers // pp) % vpp or m % pp):
+            if cp > 1 and (s % (2 * cp) or (tp > 1 and (s // cp) % tp)):
+                rejected.append((f"TP{tp} CP{cp}", f"sequence {s} does not split into 2 x CP "
+                                                   "chunks (with TP-divisible ranks' shares)"))
+                continue
+            for pp in _divisors(world // (tp * cp)):
+                dp = world // (tp * cp * pp)
+                label = Layout(tp=tp, pp=pp, dp=dp, cp=cp).label()
+                if model.num_layers % pp:
+                    rejected.append((label, f"PP must divide the {model.num_layers} layers"))
                     continue
-                valid.append(Layout(tp=tp, pp=pp, dp=dp, vpp=vpp))
+                if workload.global_batch_size % (workload.micro_batch_size * dp):
+                    rejected.append((label, f"global batch {workload.global_batch_size} is not a "
+                                            f"multiple of micro-batch x DP"))
+                    continue
+                m = workload.global_batch_size // (workload.micro_batch_size * dp)
+                for vpp in range(1, workload.max_vpp + 1):
+                    if vpp > 1 and (pp < 2 or (model.num_layers // pp) % vpp or m % pp):
+                        continue
+                    valid.append(Layout(tp=tp, pp=pp, dp=dp, vpp=vpp, cp=cp))
     return valid, rejected
 
 
@@ -271,14 +304,16 @@ def stage_memory(model: ModelConfig, cluster: Cluster, workload: Workload, layou
     """Memory of one GPU of pipeline stage ``pp_rank`` (the DP rank with the largest shard)."""
     mb = MicroBatch(seq_length=workload.seq_length, micro_batch_size=workload.micro_batch_size,
                     tp=layout.tp, sequence_parallel=layout.sequence_parallel,
-                    implementation=workload.implementation)
+                    implementation=workload.implementation, cp=layout.cp)
     m = workload.global_batch_size // (workload.micro_batch_size * layout.dp)
-    # Bucket padding falls on the last DP rank's shard; compare it with rank 0's.
-    state = max((state_memory(model, tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp,
+    # Gradients reduce and the distributed optimizer shards over DP x CP. Bucket padding falls
+    # on the last rank's shard; compare it with rank 0's.
+    dpc = layout.dp * layout.cp
+    state = max((state_memory(model, tp=layout.tp, pp=layout.pp, dp=dpc, vpp=layout.vpp,
                               pp_rank=pp_rank, dp_rank=r,
                               grad_reduce_in_fp32=workload.grad_reduce_in_fp32,
                               distributed_optimizer=workload.distributed_optimizer)
-                 for r in {0, layout.dp - 1}), key=lambda s: s.total)
+                 for r in {0, dpc - 1}), key=lambda s: s.total)
     acts = {rc: stage_peak(model, mb, pp=layout.pp, vpp=layout.vpp, pp_rank=pp_rank,
                            num_microbatches=m, recompute=rc) for rc in RECOMPUTE}
     last = pp_rank == layout.pp - 1
@@ -287,6 +322,8 @@ def stage_memory(model: ModelConfig, cluster: Cluster, workload: Workload, layou
         estimation = estimation_pass_bytes(model, mb, last=last,
                                            logits_chunk_tokens=workload.logits_chunk_tokens)
         ids = m * mb.tokens * 8
+        if layout.cp > 1:  # whole rows: tokens, labels, positions (int64), loss mask (fp32)
+            ids += m * mb.micro_batch_size * mb.seq_length * (3 * 8 + 4)
     return StageMemory(pp_rank=pp_rank, state=state, activations=acts, estimation=estimation,
                        token_ids=ids, reserved=int(cluster.reserved_gib * GIB))
 
@@ -294,7 +331,7 @@ def stage_memory(model: ModelConfig, cluster: Cluster, workload: Workload, layou
 def step_cost(model: ModelConfig, cluster: Cluster, workload: Workload, layout: Layout,
               recompute: str, params_per_gpu: int) -> StepCost:
     """Estimated step time on one GPU (see the module docstring for what it assumes)."""
-    tp, pp, dp, vpp = layout.tp, layout.pp, layout.dp, layout.vpp
+    tp, pp, dp, vpp, cp = layout.tp, layout.pp, layout.dp, layout.vpp, layout.cp
     p = DTYPE_BYTES[model.params_dtype]
     s, b, h = workload.seq_length, workload.micro_batch_size, model.hidden_size
     m = workload.global_batch_size // (b * dp)
@@ -309,18 +346,25 @@ def step_cost(model: ModelConfig, cluster: Cluster, workload: Workload, layout: 
         return 1e9 * (cluster.intra_node_gbps if span <= cluster.gpus_per_node
                       else cluster.inter_node_gbps)
 
-    activation = s * b * h * p
+    activation = s // cp * b * h * p  # one rank's share of the micro-batch's hidden states
     layers = model.num_layers // pp
-    # Megatron's rank order is tp-dp-pp: a DP group spans tp*dp ranks, a PP group all of them.
+    # Megatron's rank order is tp-cp-dp-pp: a CP group spans tp*cp ranks, the gradient (DP x CP)
+    # group tp*cp*dp, a PP group all of them.
     tp_bytes = layers * m * (forward_passes + 1) * 4 * (tp - 1) / tp * activation
     pp_bytes = (vpp * m * (forward_passes + 1) * activation / (tp if layout.sequence_parallel
                                                                 else 1)) if pp > 1 else 0.0
+    # CP: the whole rows' keys and values of this rank's heads, (cp - 1) / cp of them received
+    # per forward, their gradients sent back once per backward.
+    d = model.kv_channels or h // model.num_attention_heads
+    kv = 2 * s * b * (model.query_groups // tp) * d * p
+    cp_bytes = layers * m * (forward_passes + 1) * (cp - 1) / cp * kv
     grad_b = 4 if workload.grad_reduce_in_fp32 else p
     dp_factor = (grad_b + p) if workload.distributed_optimizer else 2 * grad_b
-    dp_bytes = (dp - 1) / dp * params_per_gpu * dp_factor
+    dpc = dp * cp
+    dp_bytes = (dpc - 1) / dpc * params_per_gpu * dp_factor
     return StepCost(compute=compute, bubble=bubble, tp_comm=tp_bytes / bandwidth(tp),
                     pp_comm=pp_bytes / bandwidth(cluster.world_size),
-                    dp_comm=dp_bytes / bandwidth(tp * dp))
+                    dp_comm=dp_bytes / bandwidth(tp * dpc), cp_comm=cp_bytes / bandwidth(tp * cp))
 
 
 def evaluate(model: ModelConfig, cluster: Cluster, workload: Workload, layout: Layout

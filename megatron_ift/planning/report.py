@@ -26,7 +26,7 @@ def memory_rows(candidate: Candidate) -> list[tuple[str, int]]:
         rows.append((f"activations, recompute {rc} ({acts.in_flight} in flight)", acts.total))
     rows += [
         ("IFT estimation pass (transient)", st.estimation),
-        ("IFT token ids between passes", st.token_ids),
+        ("IFT token ids between passes (CP: + whole rows)", st.token_ids),
         ("reserved (CUDA context, NCCL, slack)", st.reserved),
     ]
     return rows
@@ -38,7 +38,7 @@ def to_dict(plan: Plan, top: int = 10) -> dict[str, Any]:
     def cand(c: Candidate) -> dict[str, Any]:
         st = c.worst
         return {
-            "layout": {"tp": c.layout.tp, "pp": c.layout.pp, "dp": c.layout.dp,
+            "layout": {"tp": c.layout.tp, "cp": c.layout.cp, "pp": c.layout.pp, "dp": c.layout.dp,
                        "vpp": c.layout.vpp, "sequence_parallel": c.layout.sequence_parallel},
             "label": c.layout.label(),
             "overrides": c.overrides(),
@@ -57,7 +57,8 @@ def to_dict(plan: Plan, top: int = 10) -> dict[str, Any]:
             "num_params_per_gpu": st.state.num_params,
             "step_seconds": {"compute": c.cost.compute, "bubble": c.cost.bubble,
                              "tp_comm": c.cost.tp_comm, "pp_comm": c.cost.pp_comm,
-                             "dp_comm": c.cost.dp_comm, "total": c.cost.total},
+                             "dp_comm": c.cost.dp_comm, "cp_comm": c.cost.cp_comm,
+                             "total": c.cost.total},
         }
 
     best = plan.best
@@ -105,14 +106,14 @@ def render(plan: Plan, name: str, top: int = 10) -> str:
     lines += ["", f"layouts ({sum(c.fits for c in plan.candidates)} of {len(plan.candidates)} "
                   f"fit; ranked by estimated step time, top {min(top, len(plan.candidates))}):",
               f"  {'#':>2}  {'layout':<20}{'fits':<6}{'recompute':<11}{'GiB':>7}{'bubble':>8}"
-              f"{'tp s':>7}{'pp s':>7}{'dp s':>7}{'step s':>8}"]
+              f"{'tp s':>7}{'cp s':>7}{'pp s':>7}{'dp s':>7}{'step s':>8}"]
     for i, c in enumerate(plan.candidates[:top], 1):
         lines.append(f"  {i:>2}  {c.layout.label():<20}{'yes' if c.fits else 'no':<6}"
                      f"{c.recompute or '-':<11}{c.total / GIB:7.1f}{c.cost.bubble_fraction:8.1%}"
-                     f"{c.cost.tp_comm:7.2f}{c.cost.pp_comm:7.2f}{c.cost.dp_comm:7.2f}"
+                     f"{c.cost.tp_comm:7.2f}{c.cost.cp_comm:7.2f}{c.cost.pp_comm:7.2f}{c.cost.dp_comm:7.2f}"
                      f"{c.cost.total:8.2f}")
     if plan.rejected:
-        lines.append(f"  ruled out: " + "; ".join(sorted({f'{l}: {w}' for l, w in plan.rejected}
+        lines.append("  ruled out: " + "; ".join(sorted({f'{l}: {w}' for l, w in plan.rejected}
                                                          )[:6]))
     lines += ["", "Estimates: state bytes are exact for megatron-core 0.16; activations are exact "
                   "for the local spec (CPU-checked) and derived for Transformer Engine (not yet "

@@ -239,6 +239,27 @@ class RunConfig:
         self.parallel.check_model(
             self.model.num_layers, self.model.num_attention_heads, self.model.query_groups
         )
+        self._check_context_parallel()
+
+    def _check_context_parallel(self) -> None:
+        cp, tp = self.parallel.context_parallel_size, self.parallel.tensor_model_parallel_size
+        if cp == 1:
+            return
+        s = self.data.seq_length
+        if s % (2 * cp):
+            raise ConfigError(
+                f"data.seq_length={s} cannot be split for parallel.context_parallel_size={cp}: the "
+                f"load-balanced layout needs a multiple of 2 x {cp} = {2 * cp}; pad it to "
+                f"{-(-s // (2 * cp)) * 2 * cp} or change the context-parallel size")
+        if self.parallel.sequence_parallel and (s // cp) % tp:
+            raise ConfigError(
+                f"data.seq_length={s} / parallel.context_parallel_size={cp} = {s // cp} tokens per rank "
+                f"is not a multiple of tensor_model_parallel_size={tp}, which sequence parallelism "
+                "splits them over; change data.seq_length or the sizes")
+        if self.model.attention_backend == "local":
+            raise ConfigError(
+                "parallel.context_parallel_size > 1 needs model.attention_backend=sdpa (or auto): "
+                "megatron-core's own local attention has no context parallelism")
 
     def check_world(self, world_size: int) -> int:
         """Validate against the number of processes; returns the data-parallel size."""

@@ -6,6 +6,11 @@ sequences' ``cu_seqlens``. On a GPU, deriving them from device tensors (``nonzer
 ``int(t.max())``) stalls the stream once per micro-batch. The loader's host batch already has
 them, so they are computed there, before the copy, and travel with the batch: the micro-batch
 loops never wait for the device.
+
+With context parallelism a rank keeps its two chunks of every row (megatron-core's load-balanced
+layout, :func:`megatron_ift.ift.context_parallel.local_positions`) as the micro-batch's tensors,
+and the whole rows (``whole``) for what IFT computes along the full sequence: the estimated
+sequence, the propagation weights and the loss (:mod:`megatron_ift.ift.context_parallel`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_ift.data.batch import Batch
 from megatron_ift.data.packing import attention_mask, cu_seqlens
 from megatron_ift.ift import Groups
+from megatron_ift.ift.context_parallel import local_positions
 
 
 @dataclass(frozen=True)
@@ -75,32 +81,48 @@ class PositionSelection:
 
 @dataclass(frozen=True, kw_only=True)
 class MicroBatch(Batch):
-    """A :class:`~megatron_ift.data.batch.Batch` on the compute device with what the step needs
-    to know about it, computed on the host (:meth:`prepare`)."""
+    """A :class:`~megatron_ift.data.batch.Batch` on the compute device (this context-parallel
+    rank's share of its rows) with what the step needs to know about it, computed on the host
+    (:meth:`prepare`)."""
 
     index: int
     """Position of the micro-batch in the step (estimates are matched to it by this)."""
     groups: Groups
-    """Which sample or packed segment each position belongs to."""
+    """Which sample or packed segment each position of the whole rows belongs to."""
     selection: PositionSelection
-    """The trained positions (``loss_mask`` non-zero): the rows the output layer runs on."""
+    """The trained positions (``loss_mask`` non-zero) of this rank's tokens: the rows the
+    output layer runs on."""
     output_positions: torch.Tensor
-    """``selection`` as ``[n]`` flat indices into the sequence-first ``[s, b]`` layout."""
+    """``selection`` as ``[n]`` flat indices into the sequence-first ``[s/cp, b]`` layout."""
+    positions: torch.Tensor
+    """``[s/cp]``: the position in the whole row of each of this rank's tokens (``arange(s)``
+    without context parallelism)."""
+    whole: Optional[Batch] = None
+    """The whole rows, on the device, with context parallelism (None without: the micro-batch
+    itself is whole; see :attr:`rows`)."""
     packed_seq_params: Optional[PackedSeqParams] = None
     """Packed rows as Transformer Engine THD sequences (the TE spec); None otherwise."""
 
     @staticmethod
-    def prepare(batch: Batch, index: int, device: torch.device, *, thd: bool) -> "MicroBatch":
+    def prepare(batch: Batch, index: int, device: torch.device, *, thd: bool,
+                cp_rank: int = 0, cp_size: int = 1) -> "MicroBatch":
         """Host batch -> micro-batch on ``device``.
 
         Args:
-            batch: host tensors from the loader.
+            batch: host tensors from the loader (whole rows).
             index: position in the step.
             device: the compute device.
             thd: packed rows go to attention as THD sequences (``packed_seq_params``) instead of
                 a dense ``[b, 1, s, s]`` mask.
+            cp_rank, cp_size: this rank in the context-parallel group; it keeps its two chunks of
+                every row.
         """
         groups = Groups.build(batch.loss_mask, batch.segment_ids)
+        positions = local_positions(batch.shape[1], cp_rank, cp_size) if cp_size > 1 else torch.arange(batch.shape[1])
+        whole = None
+        if cp_size > 1:
+            whole = batch.to(device)
+            batch = batch.columns(positions)
         selection = PositionSelection.from_mask(batch.loss_mask)
         psp = None
         if thd and batch.segment_ids is not None:
@@ -118,13 +140,26 @@ class MicroBatch(Batch):
                                        segment=groups.segment.to(device, non_blocking=True)),
             selection=selection,
             output_positions=selection.seq_first_index(),
+            positions=positions.to(device, non_blocking=True),
+            whole=whole,
             packed_seq_params=psp,
         )
 
+    @property
+    def rows(self) -> Batch:
+        """The whole rows (with context parallelism: every rank's chunks)."""
+        return self.whole if self.whole is not None else self
+
     def attention_mask(self) -> Optional[torch.Tensor]:
         """The dense mask of packed rows on the local spec (True = masked), built when a forward
-        needs it (it is ``[b, 1, s, s]``: not kept for every micro-batch of the step); None for
-        THD rows and for rows that are not packed (causal)."""
-        if self.packed_seq_params is not None:
+        needs it (it is ``[b, 1, s/cp, s]``: not kept for every micro-batch of the step); None
+        for THD rows and for rows that are not packed (causal; under context parallelism the
+        attention derives it from the layout)."""
+        if self.packed_seq_params is not None or self.segment_ids is None:
             return None
-        return attention_mask(self.segment_ids)
+        if self.whole is None:
+            return attention_mask(self.segment_ids)
+        seg = self.whole.segment_ids  # [b, s]: keys in sequence order, queries this rank's tokens
+        keys = torch.arange(seg.shape[1], device=seg.device)
+        allowed = (seg[:, self.positions, None] == seg[:, None, :]) & (keys[None, :] <= self.positions[:, None])
+        return ~allowed.unsqueeze(1)  # [b, 1, s/cp, s]

@@ -32,6 +32,13 @@ def check_platform(cfg: RunConfig, platform: Platform) -> None:
             f"(got {cfg.train.micro_batch_size}); set it to 1 (gradient accumulation keeps the "
             "global batch) or model.transformer_impl=local"
         )
+    if impl == "transformer_engine" and cfg.data.packing and cfg.parallel.context_parallel_size > 1:
+        raise ConfigError(
+            "data.packing=true with parallel.context_parallel_size > 1 on the Transformer Engine "
+            "spec is not supported: TE splits each packed sequence (THD) over the ranks, our IFT "
+            "step splits whole rows; set model.transformer_impl=local (SDPA attention, packed "
+            "rows with a block mask) or data.packing=false"
+        )
     if cfg.fp8.enabled:
         check_fp8_supported(cfg.fp8, platform)
         if impl != "transformer_engine":

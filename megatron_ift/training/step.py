@@ -18,6 +18,12 @@ independent of how samples are split (per-sample or per-token mean, ``IFTConfig.
 The model is called through :class:`megatron_ift.models.ift_model.IFTGPTModel`'s explicit entry
 points (no hooks); every metric is a device tensor until one reduction per step
 (:mod:`megatron_ift.training.step_metrics`).
+
+Context parallelism: each rank runs the model on its two chunks of every row; the estimates and
+the label log-probs of the whole rows are gathered over the context-parallel group, so the
+estimated sequence, the propagation weights and the loss are computed on whole rows exactly as
+without it; context-parallel rank 0 reports the loss and its count
+(:mod:`megatron_ift.ift.context_parallel`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ift.checkpoint.model_io import unwrap
 from megatron_ift.data.batch import Batch
+from megatron_ift.ift.context_parallel import first_rank_only, gather_sequence
 from megatron_ift.ift import (
     IFTConfig,
     aggregate,
@@ -98,6 +105,9 @@ class IFTStep:
         self.thd = thd
         self.progress = progress
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.cp_group = parallel_state.get_context_parallel_group()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.cp_size = parallel_state.get_context_parallel_world_size()
         config = unwrap(self.chunks[0]).config
         if not config.calculate_per_token_loss:
             # The loss function returns (sum, count): the schedule must not divide it.
@@ -115,7 +125,8 @@ class IFTStep:
         """
         self._validate(batches)  # on the host, before anything reaches the device
         lam = lambda_at(self.cfg, step)
-        microbatches = [MicroBatch.prepare(b, i, self.platform.device, thd=self.thd)
+        microbatches = [MicroBatch.prepare(b, i, self.platform.device, thd=self.thd,
+                                           cp_rank=self.cp_rank, cp_size=self.cp_size)
                         for i, b in enumerate(batches)]
         sums = StepSums()
         estimates: list[Optional[torch.Tensor]] = [None] * len(microbatches)
@@ -141,7 +152,8 @@ class IFTStep:
             if lam == 0.0:  # the optimisation pass *is* the ground-truth pass
                 sums.sft_sum, sums.sft_count = optimisation.mixed_sft_sum, optimisation.count
         groups = (parallel_state.get_pipeline_model_parallel_group(),
-                  parallel_state.get_data_parallel_group()) if dist.is_initialized() else ()
+                  parallel_state.get_data_parallel_group(with_context_parallel=True)
+                  ) if dist.is_initialized() else ()
         self.progress("metric reduction")
         return sums.reduce(groups, self.platform.device, lam)
 
@@ -176,8 +188,13 @@ class IFTStep:
         ids = self._send_estimates_to_first_stage(ids, len(microbatches))
         if ids is None:
             return [None] * len(microbatches)
-        return [estimated_sequence(mb.tokens, ids[i], mb.loss_mask, groups=mb.groups)
-                for i, mb in enumerate(microbatches)]
+        out = []
+        for i, mb in enumerate(microbatches):
+            rows = mb.rows
+            estimates = gather_sequence(ids[i], self.cp_group)  # [b, s]: every rank's chunks
+            xhat = estimated_sequence(rows.tokens, estimates, rows.loss_mask, groups=mb.groups)
+            out.append(xhat[:, mb.positions])  # this rank's tokens
+        return out
 
     def _estimation_forward(self, data_iterator: Iterator[MicroBatch], model, *, step: int):
         mb = next(data_iterator)
@@ -193,17 +210,20 @@ class IFTStep:
         estimation pass's metrics. Only the ids and a few device scalars leave."""
         sel = mb.selection
         logits = model.output_logits(hidden)[None]  # [1, n, v/tp]
-        picked = estimate(
+        picked = estimate(  # the noise is keyed on positions in the whole row
             logits, self.cfg, self.vocab_size, step=step,
-            sample_ids=mb.sample_ids[sel.rows][None], positions=sel.cols[None], group=self.tp_group,
+            sample_ids=mb.sample_ids[sel.rows][None], positions=mb.positions[sel.cols][None],
+            group=self.tp_group,
         )[0]  # [n]
         labels = mb.labels[sel.rows, sel.cols]
         logps = label_logprobs_no_grad(logits[0], labels, self.tp_group)
         token_losses = sel.scatter(-logps, torch.zeros_like(mb.loss_mask, dtype=logps.dtype))
-        sft_sum, sft_count = aggregate(token_losses, mb.loss_mask, mb.groups, self.cfg.aggregation)
+        token_losses = gather_sequence(token_losses, self.cp_group)  # [b, s]
+        sft_sum, sft_count = aggregate(token_losses, mb.rows.loss_mask, mb.groups, self.cfg.aggregation)
         trained = 0 if sel.empty else 1
         report = StepSums(
-            sft_sum=sft_sum, sft_count=sft_count,
+            sft_sum=first_rank_only(sft_sum, self.cp_group),
+            sft_count=first_rank_only(sft_count, self.cp_group),
             est_correct=(picked == labels).sum() * trained,
             est_total=torch.full((), trained * labels.numel(), device=logits.device),
         )
@@ -220,8 +240,8 @@ class IFTStep:
             dist.send(ids.contiguous(), dst=first)
             return None
         if me == first:
-            buf = torch.empty(m, self.micro_batch_size, self.seq_length, dtype=torch.int64,
-                              device=self.platform.device)
+            buf = torch.empty(m, self.micro_batch_size, self.seq_length // self.cp_size,
+                              dtype=torch.int64, device=self.platform.device)
             dist.recv(buf, src=last)
             return buf
         return None
@@ -255,14 +275,20 @@ class IFTStep:
             hidden, model.output_weight(), mb.labels[sel.rows, sel.cols], self.tp_group,
             chunk_size=self.cfg.logprob_chunk_size,
         )  # [n]
-        logps = sel.scatter_grad(picked)  # [b, s], zero at untrained positions (masked)
-        terms = ift_loss_terms(logps, mb.loss_mask, self.cfg, mb.groups)
+        logps = sel.scatter_grad(picked)  # [b, s/cp], zero at untrained positions (masked)
+        logps = gather_sequence(logps, self.cp_group)  # [b, s]: the whole rows
+        terms = ift_loss_terms(logps, mb.rows.loss_mask, self.cfg, mb.groups)
+        # One context-parallel rank reports the whole rows' loss; every rank's backward returns
+        # the gradient of its own log-probs through the gather.
+        loss = first_rank_only(terms.loss, self.cp_group)
+        count = first_rank_only(terms.count, self.cp_group)
         report = StepSums(
-            loss_sum=terms.loss.detach(), count=terms.count, mixed_sft_sum=terms.mixed_sft,
-            weight_entropy_sum=terms.weight_entropy, num_samples=terms.num_samples,
-            num_tokens=terms.num_tokens, weight_max=terms.weight_max,
+            loss_sum=loss.detach(), count=count, weight_max=terms.weight_max,
+            **{k: first_rank_only(v, self.cp_group) for k, v in dict(
+                mixed_sft_sum=terms.mixed_sft, weight_entropy_sum=terms.weight_entropy,
+                num_samples=terms.num_samples, num_tokens=terms.num_tokens).items()},
         )
-        return terms.loss, terms.count.detach().round().to(torch.int), report
+        return loss, count.detach().round().to(torch.int), report
 
     # -- helpers ------------------------------------------------------------------------------
 

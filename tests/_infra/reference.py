@@ -107,8 +107,13 @@ def ift_loss(
     loss_mask: torch.Tensor,
     cfg: IFTConfig,
     segment_ids: Optional[torch.Tensor] = None,
+    microbatch_rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """IFT loss (spec steps 4-5) and metrics for one micro-batch of the optimisation pass.
+    """IFT loss (spec steps 4-5) and metrics for the optimisation pass.
+
+    ``microbatch_rows``: the rows are micro-batches of this many rows (default: one micro-batch).
+    Only ``propagation_side: right`` depends on it (its shift is a micro-batch's minimum); the
+    loss is the whole batch's either way.
 
     Returns:
         ``(loss, metrics)``: the batch loss under ``cfg.aggregation`` (differentiable) and a
@@ -144,10 +149,13 @@ def ift_loss(
             c = [c[j] if m[j] > 0 else torch.tensor(1e6, dtype=logps.dtype) for j in range(len(c))]
         per_sample_c.append(c)
 
-    if cfg.propagation_side == "right":
-        nonzero = [x for c in per_sample_c for x in c if float(x) != 0.0]
-        cmin = torch.stack(nonzero).min()
-        per_sample_c = [[x + cmin for x in c] for c in per_sample_c]
+    if cfg.propagation_side == "right":  # the smallest non-zero c of each micro-batch, added
+        rows = microbatch_rows or b
+        for lo in range(0, b, rows):
+            members = [k for k, (i, _, _) in enumerate(samples) if lo <= i < lo + rows]
+            cmin = torch.stack([x for k in members for x in per_sample_c[k] if float(x) != 0.0]).min()
+            for k in members:
+                per_sample_c[k] = [x + cmin for x in per_sample_c[k]]
 
     losses, mixed, counts_tokens, entropies, wmax = [], [], [], [], []
     total_weighted = torch.zeros((), dtype=logps.dtype)

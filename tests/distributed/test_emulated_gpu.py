@@ -3,7 +3,7 @@ placement and synchronisation rules checked on a CPU machine.
 
 Every run starts from one shared checkpoint (a one-step CPU run). Under the emulation each layout
 runs IFT steps with evaluation, a checkpoint save and (TP 2, PP 2 x VPP 2, DP 2 with the
-distributed optimizer) a resume; host tensors meeting the model, a device tensor or an NCCL-group
+distributed optimizer, CP 2) a resume; host tensors meeting the model, a device tensor or an NCCL-group
 collective, or a host sync inside a micro-batch loop, fail it. Its metrics must equal the normal
 CPU run's (one per method: losses do not depend on the layout) within 1e-5 relative: the GPU path
 turns megatron-core's bias/activation fusions on, the CPU path runs them unfused.
@@ -34,6 +34,9 @@ LAYOUTS = {
     "dp2_distopt": (["parallel.tensor_model_parallel_size=1",
                      "parallel.use_distributed_optimizer=true"], True),
     "tp2_sft": (["parallel.tensor_model_parallel_size=2", *SFT], False),
+    # context parallelism: the rotary table's per-rank slice, the K/V all-gather, the
+    # estimates' and log-probs' gathers on the device
+    "cp2": (["parallel.tensor_model_parallel_size=1", "parallel.context_parallel_size=2"], True),
 }
 
 

@@ -10,7 +10,8 @@ rank, with zero tolerance:
   fp32 models, bf16 gradients, no distributed optimizer);
 * bytes of distinct tensors saved for backward (``saved_tensors_hooks``) with ``saved_bytes``
   for the local layer spec: TP 2 with and without sequence parallelism, selective and full
-  recomputation, grouped and plain multi-head attention.
+  recomputation, grouped and plain multi-head attention, context parallelism (CP 2: the
+  all-gathered keys and values, the per-chunk kernel calls; CP rank 0 has one mask fewer).
 """
 
 import re
@@ -26,4 +27,4 @@ def test_planner_bytes_equal_megatron_core_objects():
     cases = re.findall(r"^CASE (.+?) OK", out, flags=re.M)
     total = re.search(r"^ALL (\d+) CASES OK", out, flags=re.M)
     assert total, out[-3000:]
-    assert len(cases) == int(total.group(1)) >= 14, cases
+    assert len(cases) == int(total.group(1)) >= 17, cases

@@ -145,6 +145,27 @@ def test_8b_script_renders_one_node(tmp_path):
     assert [a for a in argv if a.startswith(("parallel.", "train.recompute"))] == best.overrides()
 
 
+def test_long_context_script_uses_the_planners_context_parallel_layout(tmp_path):
+    """32k-token rows on one node: the planner picks context parallelism; the script, its config
+    and the plan agree, and the config passes the trainer's checks for that layout."""
+    from megatron_ift.training.config import load_run_config
+
+    _, _, commands, _, _ = _dry_run(tmp_path, "llama3_8b_long_context.sbatch", 1)
+    _, _, argv = _flags(commands[0])
+    best = plan(get_preset("llama3-8b"), Cluster(nodes=1, gpus_per_node=8),
+                Workload(seq_length=32768)).best
+    assert best.layout.cp > 1
+    overrides = [a for a in argv if a.startswith(("parallel.", "train.recompute"))]
+    assert overrides == best.overrides()
+    text = open(os.path.join(SLURM, "llama3_8b_long_context.sbatch"), encoding="utf-8").read()
+    assert 'CONFIG="${CONFIG:-configs/llama3_8b_ift_32k.yaml}"' in text  # (the dry run sets its own)
+    cfg = load_run_config(os.path.join(ROOT, "configs", "llama3_8b_ift_32k.yaml"), overrides)
+    assert cfg.data.seq_length == 32768 and cfg.parallel.context_parallel_size == best.layout.cp
+    assert cfg.check_world(8) == best.layout.dp
+    # the config's own parallel section is the same layout (launching it by hand agrees)
+    assert load_run_config(os.path.join(ROOT, "configs", "llama3_8b_ift_32k.yaml"), []).parallel == cfg.parallel
+
+
 @pytest.mark.parametrize("retry", ["0", "1"])
 def test_failed_step_is_requeued_only_when_asked(tmp_path, retry):
     # A crash (non-zero exit, no pre-timeout signal) must not requeue by default: a config error

@@ -22,6 +22,7 @@ entry; parameters after one Adam step within 1e-5 relative plus 1% of one learni
 import json
 import os
 import time
+from typing import NamedTuple, Optional
 
 import pytest
 from _infra.launch import torchrun
@@ -49,31 +50,70 @@ CONFIGS = {
     # position, global vocabulary id), so every layout draws the reference's tokens
     "top_p": dict(ift=dict(gamma=0.95, max_lambda=0.5, estimator="top_p", top_p=0.9,
                            temperature=1.5, seed=11), model={}),
+    # conversations of two turns: answer spans with a user turn between them
+    "multi_turn": dict(ift=dict(gamma=0.9, max_lambda=0.3), model={}, multi_turn=True),
+    # plain sampling, weights propagated to the right with a softmax norm, on packed rows
+    "right_sample": dict(ift=dict(gamma=0.9, max_lambda=0.4, estimator="sample", temperature=1.2,
+                                  propagation_side="right", propagation_norm="softmax", seed=5),
+                         model={}, packed=True),
 }
-# (config, tp, pp, dp, vpp, sp, distributed optimizer)
+
+
+class Run(NamedTuple):
+    """One layout: a config of :data:`CONFIGS` at tensor/pipeline/data/virtual/context-parallel
+    sizes, with sequence parallelism and the distributed optimizer or not."""
+    config: str
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: Optional[int] = None
+    sp: bool = False
+    distopt: bool = False
+    cp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def id(self) -> str:
+        return (f"{self.config}-tp{self.tp}-pp{self.pp}-dp{self.dp}" + (f"-cp{self.cp}" if self.cp > 1 else "")
+                + (f"-vpp{self.vpp}" if self.vpp else "") + ("-sp" if self.sp else "")
+                + ("-distopt" if self.distopt else ""))
+
+
 RUNS = [
-    ("ift", 2, 1, 1, None, False, False),
-    ("ift", 1, 2, 1, None, False, False),
-    ("ift", 1, 1, 2, None, False, False),
-    ("ift", 1, 1, 2, None, False, True),
-    ("ift", 2, 2, 1, None, False, False),
-    ("ift", 1, 2, 2, None, False, True),
-    ("ift", 1, 2, 1, 2, False, False),
-    ("ift", 2, 1, 1, None, True, False),
-    ("detached_tied", 2, 1, 1, None, False, False),
-    ("detached_tied", 1, 2, 1, None, False, False),
-    ("detached_untied", 2, 1, 1, None, False, False),
-    ("packed", 2, 1, 1, None, False, False),
-    ("packed", 1, 2, 1, None, False, False),
-    ("top_p", 2, 1, 1, None, False, False),  # the vocabulary split: noise per global id
-    ("top_p", 1, 1, 2, None, False, False),  # the batch split: noise per global sample id
+    Run("ift", tp=2),
+    Run("ift", pp=2),
+    Run("ift", dp=2),
+    Run("ift", dp=2, distopt=True),
+    Run("ift", tp=2, pp=2),
+    Run("ift", pp=2, dp=2, distopt=True),
+    Run("ift", pp=2, vpp=2),
+    Run("ift", tp=2, sp=True),
+    Run("detached_tied", tp=2),
+    Run("detached_tied", pp=2),
+    Run("detached_untied", tp=2),
+    Run("packed", tp=2),
+    Run("packed", pp=2),
+    Run("top_p", tp=2),  # the vocabulary split: noise per global id
+    Run("top_p", dp=2),  # the batch split: noise per global sample id
+    # context parallelism: estimates, weights and the loss cross the chunk boundaries
+    Run("ift", cp=2),
+    Run("ift", cp=4),  # chunks of 2 tokens: nearly every dependency crosses ranks
+    Run("ift", tp=2, cp=2, sp=True),
+    Run("ift", pp=2, cp=2),
+    Run("ift", dp=2, cp=2, distopt=True),
+    Run("packed", cp=2),  # block mask of global positions, segments across chunks
+    Run("detached_tied", cp=2),  # kth estimator, L2 weights, token mean, tied output layer
+    Run("top_p", cp=2),  # noise keyed on global positions
+    Run("right_sample", cp=2),
+    Run("right_sample", tp=2),
+    Run("multi_turn", cp=2),
+    Run("multi_turn", tp=2),
 ]
+
 SFT_EXACT = "sft_exact"
-
-
-def _run_id(run) -> str:
-    name, tp, pp, dp, vpp, sp, dopt = run
-    return f"{name}-tp{tp}-pp{pp}-dp{dp}" + (f"-vpp{vpp}" if vpp else "") + ("-sp" if sp else "") + ("-distopt" if dopt else "")
 
 
 def _launch(world: int, specs: list[dict], failures: dict[str, str]) -> None:
@@ -109,11 +149,11 @@ def results(tmp_path_factory):
                                           done=os.path.join(spec["ref"], "ref.json"))
                                      for name, spec in refs.items()]}
     for run in RUNS:
-        name, tp, pp, dp, vpp, sp, dopt = run
-        out = str(d / _run_id(run))
-        spec = dict(refs[name], kind="layout", id=_run_id(run), config=name, out=out, done=os.path.join(out, "result.json"),
-                    tp=tp, pp=pp, sp=sp, distopt=dopt, **(dict(vpp=vpp) if vpp else {}))
-        by_world.setdefault(tp * pp * dp, []).append(spec)
+        out = str(d / run.id)
+        spec = dict(refs[run.config], kind="layout", id=run.id, config=run.config, out=out,
+                    done=os.path.join(out, "result.json"), tp=run.tp, pp=run.pp, cp=run.cp, sp=run.sp,
+                    distopt=run.distopt, **(dict(vpp=run.vpp) if run.vpp else {}))
+        by_world.setdefault(run.world, []).append(spec)
     sft_out = str(d / "sft.json")
     by_world[2].append(dict(kind="sft_exact", id=SFT_EXACT, tp=2, out=sft_out, done=sft_out))
     failures: dict[str, str] = {}
@@ -125,7 +165,7 @@ def results(tmp_path_factory):
     print("launch wall seconds by world size:", {w: round(t, 1) for w, t in timings.items()})
     out = {SFT_EXACT: failures.get(SFT_EXACT) or json.load(open(sft_out))}
     for run in RUNS:
-        name, rid = run[0], _run_id(run)
+        name, rid = run.config, run.id
         if f"reference {name}" in failures:
             out[rid] = f"the reference of {name!r} failed:\n{failures[f'reference {name}']}"
         elif rid in failures:
@@ -145,10 +185,10 @@ def _outcome(results, rid):
 
 @pytest.mark.dist
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("run", RUNS, ids=_run_id)
+@pytest.mark.parametrize("run", RUNS, ids=lambda r: r.id)
 def test_step_matches_single_process_reference(results, run):
-    result, ref = _outcome(results, _run_id(run))
-    distopt = run[-1]
+    result, ref = _outcome(results, run.id)
+    distopt = run.distopt
     assert result["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     for key in ("loss_sft", "loss_mixed_sft", "weight_max", "weight_entropy", "num_samples"):
         assert result["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-7), key

@@ -2,7 +2,7 @@
 
 Straight runs of 6 steps against runs stopped after 3 steps (``train.exit_after_steps``, which
 saves a checkpoint) and resumed: float32 on CPU, the resumed losses are bit-identical at the
-same layout; at another layout (TP 2 -> PP 2, distributed optimizer) within 1e-5.
+same layout; at another layout (TP 2 -> PP 2, TP 2 -> CP 2, distributed optimizer) within 1e-5.
 """
 
 import os
@@ -24,10 +24,13 @@ def runs(tmp_path_factory):
     train(2, str(d / "tp2_straight"), *STEPS)
     train(2, str(d / "tp2_split"), *STEPS, "train.exit_after_steps=3")
     shutil.copytree(d / "tp2_split", d / "tp2_to_pp2")
+    shutil.copytree(d / "tp2_split", d / "tp2_to_cp2")
     out["resume_log"] = train(2, str(d / "tp2_split"), *STEPS)
     out["reshard_log"] = train(2, str(d / "tp2_to_pp2"), *STEPS,
                                "parallel.tensor_model_parallel_size=1",
                                "parallel.pipeline_model_parallel_size=2")
+    out["cp_log"] = train(2, str(d / "tp2_to_cp2"), *STEPS,
+                          "parallel.tensor_model_parallel_size=1", "parallel.context_parallel_size=2")
     out["dir"] = d
     return out
 
@@ -43,10 +46,11 @@ def test_resume_is_bit_identical_tp2(runs):
 
 
 @pytest.mark.dist
-def test_resume_under_another_layout(runs):
+@pytest.mark.parametrize("run,log", [("tp2_to_pp2", "reshard_log"), ("tp2_to_cp2", "cp_log")])
+def test_resume_under_another_layout(runs, run, log):
     d = runs["dir"]
-    assert "resumed from" in runs["reshard_log"]
-    straight, resharded = losses(str(d / "tp2_straight")), losses(str(d / "tp2_to_pp2"))
+    assert "resumed from" in runs[log]
+    straight, resharded = losses(str(d / "tp2_straight")), losses(str(d / run))
     assert resharded[:3] == straight[:3]
     for a, b in zip(resharded[3:], straight[3:]):
         assert a == pytest.approx(b, rel=1e-5)

@@ -80,7 +80,11 @@ def test_demo_config_loads_and_overrides_apply():
     ("model.params_dtype=fp8", "model.params_dtype='fp8'"),
     ("data.seq_length=4096", "exceeds model.max_position_embeddings"),
     ("optimizer.lr_warmup_steps=500", "warm-up (500 steps) must be shorter"),
-    ("parallel.context_parallel_size=2", "context_parallel_size > 1 is not supported"),
+    ("parallel.context_parallel_size=3", "cannot be split for parallel.context_parallel_size=3"),
+    ("parallel.context_parallel_size=2 model.attention_backend=local", "needs model.attention_backend=sdpa"),
+    ("parallel.context_parallel_size=2 parallel.tensor_model_parallel_size=4 model.num_query_groups=4 "
+     "parallel.sequence_parallel=true data.seq_length=36",
+     "18 tokens per rank is not a multiple of tensor_model_parallel_size=4"),
     ("train.steps=ten", "train.steps='ten' must be an integer"),
     ("ift.estimator=top_p", "needs ift.top_p"),
     ("parallel.tensor_model_parallel_size=3", "must divide the attention heads"),
@@ -89,7 +93,7 @@ def test_demo_config_loads_and_overrides_apply():
 ])
 def test_bad_run_config(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        load_run_config("configs/demo.yaml", [override])
+        load_run_config("configs/demo.yaml", override.split())
 
 
 def test_transformer_engine_refused_without_gpu():
@@ -107,7 +111,7 @@ def test_override_syntax():
     assert apply_overrides({}, ["a.b=[1, 2]", "a.c=true"]) == {"a": {"b": [1, 2], "c": True}}
 
 
-@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/llama3_8b_ift.yaml",
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/llama3_8b_ift.yaml", "configs/llama3_8b_ift_32k.yaml",
                                   "configs/llama3_70b_ift.yaml", "configs/pretrain_continuation.yaml"])
 def test_presets_are_valid(path):
     data = load_yaml(path)

@@ -88,6 +88,20 @@ def test_packed_thd_needs_micro_batch_one():
                                   "model.attention_backend": "auto"}), te)
 
 
+def test_packed_rows_with_context_parallelism_on_te_are_refused():
+    """TE splits each THD sequence over the context-parallel ranks; the step splits rows."""
+    from megatron_ift.platform import Kernels, Platform
+    from megatron_ift.training.preflight import check_platform
+
+    te = Platform(kind="cuda", device=torch.device("cuda", 0), kernels=Kernels(transformer_engine=True))
+    over = {"model.transformer_impl": "transformer_engine", "model.attention_backend": "auto",
+            "train.micro_batch_size": 1, "parallel.context_parallel_size": 2}
+    with pytest.raises(ConfigError, match="packing=true with parallel.context_parallel_size > 1"):
+        check_platform(_run_config(**over), te)
+    check_platform(_run_config(**over, **{"data.packing": "false"}), te)
+    check_platform(_run_config(**dict(over, **{"model.transformer_impl": "local"})), te)
+
+
 def test_packed_rows_on_megatrons_local_attention_use_the_masked_softmax_kernel(monkeypatch):
     """Review finding 5: megatron-core's fused softmax with the local spec's ``causal`` mask type
     takes the upper-triangular kernel, which never reads the block mask of packed rows. Packed

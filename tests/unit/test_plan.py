@@ -156,3 +156,58 @@ def test_impossible_batch_is_a_config_error():
     with pytest.raises(ConfigError, match="no valid parallel layout"):
         plan(get_preset("llama3-8b"), Cluster(nodes=1, gpus_per_node=8),
              Workload(global_batch_size=3, micro_batch_size=2))
+
+
+def test_context_parallel_activations_are_one_rank_s_share():
+    """CP: every Transformer Engine term holds s / cp tokens (TE's ring keeps only local keys and
+    values); the local spec's all-gather keeps the whole rows' keys and values on top."""
+    from megatron_ift.planning.activations import MicroBatch, layer_terms, saved_bytes
+
+    model = get_preset("llama3-8b")
+    kw = dict(num_layers=4, first=True, last=True)
+    one = MicroBatch(seq_length=32768, micro_batch_size=1, tp=2, sequence_parallel=True)
+    four = MicroBatch(seq_length=32768, micro_batch_size=1, tp=2, sequence_parallel=True, cp=4)
+    assert 4 * saved_bytes(model, four, **kw) == saved_bytes(model, one, **kw)
+    local = dict(tp=2, sequence_parallel=True, implementation="local")
+    t1 = layer_terms(model, MicroBatch(seq_length=32768, micro_batch_size=1, **local))
+    t4 = layer_terms(model, MicroBatch(seq_length=32768, micro_batch_size=1, cp=4, **local))
+    shared = set(t1) & set(t4)
+    assert len(shared) >= 8 and all(4 * t4[k] == t1[k] for k in shared)
+    # whole rows' k and v: 2 x s x groups/tp x head dim x bf16
+    assert t4["k, v all-gathered over CP"] == 2 * 32768 * (8 // 2) * 128 * 2
+    assert "qkv output (v view)" not in t4  # v is gathered, not a view of the projection
+    with pytest.raises(ValueError, match="multiple of 2 x cp"):
+        MicroBatch(seq_length=100, micro_batch_size=1, cp=4)
+
+
+def test_long_sequences_plan_context_parallelism():
+    """32k tokens on one node: the planner picks CP (smaller activations than TP alone, less
+    traffic); short sequences never get it (min_cp_rank_tokens); CP shards the optimizer over
+    DP x CP and adds the key/value exchange to the step time."""
+    model, node = get_preset("llama3-8b"), Cluster(nodes=1, gpus_per_node=8)
+    long = plan(model, node, Workload(seq_length=32768))
+    best = long.best
+    assert best.layout.cp > 1 and "parallel.context_parallel_size=%d" % best.layout.cp in best.overrides()
+    assert best.cost.cp_comm > 0
+    assert any(c.layout.cp == 1 for c in long.candidates)
+    short = plan(model, node, Workload(seq_length=4096))
+    assert all(c.layout.cp == 1 for c in short.candidates)
+    assert any(why.startswith("2048 tokens per rank") for _, why in short.rejected)
+    # the same GPUs as data-parallel ranks or as context-parallel ranks: the same optimizer shard
+    cp2 = next(c for c in long.candidates if (c.layout.tp, c.layout.cp, c.layout.pp, c.layout.dp, c.layout.vpp) == (2, 2, 2, 1, 1))
+    dp2 = next(c for c in plan(model, node, Workload(seq_length=32768, max_cp=1)).candidates
+               if (c.layout.tp, c.layout.pp, c.layout.dp, c.layout.vpp) == (2, 2, 2, 1))
+    assert cp2.worst.state == dp2.worst.state and cp2.cost.dp_comm == dp2.cost.dp_comm
+    assert cp2.cost.cp_comm > 0 == dp2.cost.cp_comm
+    # CP halves the tokens per rank; DP halves the micro-batches: training activations halve both ways
+    assert cp2.worst.activations["none"].saved < dp2.worst.activations["none"].saved * 1.01
+
+
+def test_plan_cli_shows_context_parallelism(capsys):
+    from megatron_ift.planning.cli import main
+
+    assert main(["--preset", "llama3-8b", "--seq-length", "32768"]) == 0
+    out = capsys.readouterr().out
+    assert "CP4" in out and "cp s" in out and "parallel.context_parallel_size=4" in out
+    assert main(["--preset", "llama3-8b", "--seq-length", "32768", "--max-cp", "1"]) == 0
+    assert "parallel.context_parallel_size=1" in capsys.readouterr().out

@@ -51,7 +51,8 @@ def dump(path: str, obj) -> None:
             json.dump(obj, f)
 
 
-def make_global_batch(num_samples: int, seq: int, vocab: int, seed: int = 0, packed: bool = False):
+def make_global_batch(num_samples: int, seq: int, vocab: int, seed: int = 0, packed: bool = False,
+                      multi_turn: bool = False):
     """A deterministic global batch of SFT-style samples: random prompt lengths, answer masks.
 
     Args:
@@ -72,6 +73,9 @@ def make_global_batch(num_samples: int, seq: int, vocab: int, seed: int = 0, pac
             prompt = int(torch.randint(1, seq // 2, (1,), generator=g))
             end = seq - int(torch.randint(0, 3, (1,), generator=g))
             loss_mask[i, prompt - 1 : end - 1] = 1.0
+            if multi_turn:  # a second user turn in the middle of the answer
+                gap = int(torch.randint(prompt + 1, max(prompt + 2, end - 3), (1,), generator=g))
+                loss_mask[i, gap : min(gap + 3, end - 2)] = 0.0
             continue
         end = seq - int(torch.randint(0, 3, (1,), generator=g))
         cut = int(torch.randint(seq // 3, 2 * seq // 3, (1,), generator=g))

@@ -11,11 +11,13 @@ step (Adam allocates its moments lazily) and compares, on every rank:
   :func:`saved_bytes` for the local spec: exactly.
 
 Prints one ``CASE <name> OK ...`` line per case and ``ALL <n> CASES OK`` on rank 0; raises on
-the first mismatch (every rank checks its own stage and shard).
+the first mismatch (every rank checks its own stage and shard). ``PLAN_MEMORY_DEBUG=1`` prints
+every saved storage and the planned terms.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -37,9 +39,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 
 from megatron_ift.models.config import ModelConfig  # noqa: E402
 from megatron_ift.models.gpt import build_gpt_chunks, transformer_config  # noqa: E402
+from megatron_ift.ift.context_parallel import local_positions  # noqa: E402
 from megatron_ift.distributed import destroy_distributed, init_distributed, model_parallel_seed  # noqa: E402
 from megatron_ift.parallel import ParallelConfig  # noqa: E402
-from megatron_ift.planning.activations import MicroBatch, saved_bytes  # noqa: E402
+from megatron_ift.planning.activations import MicroBatch, layer_terms, saved_bytes  # noqa: E402
 from megatron_ift.planning.params import chunk_layers, chunk_parameters, state_memory  # noqa: E402
 
 # Awkward sizes on purpose: 48-wide norms and 12-wide heads are not multiples of 64, so DDP's
@@ -159,6 +162,11 @@ ACTIVATION_CASES = {
     "acts tp2 sp none unfused": (dict(tensor_model_parallel_size=2, sequence_parallel=True),
                                  "none", 16, 2),
     "acts dp2 mha unfused": (dict(), "none", 16, 3),
+    # context parallelism: each rank holds s / 2 tokens, its attention the all-gathered keys and
+    # values of the whole rows
+    "acts cp2 none": (dict(context_parallel_size=2), "none", 16, 2),
+    "acts cp2 mha selective": (dict(context_parallel_size=2), "selective", 24, 1),
+    "acts cp2 full": (dict(context_parallel_size=2), "full", 16, 2),
 }
 
 
@@ -185,21 +193,34 @@ def check_activations(name: str, layout: dict, recompute: str, seq: int, mbs: in
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
+            if os.environ.get("PLAN_MEMORY_DEBUG") and storage.data_ptr() not in saved:
+                print(f"rank {parallel_state.get_data_parallel_rank(with_context_parallel=True)} "
+                      f"saves {storage.nbytes()} B {tuple(t.shape)} {t.dtype}", file=sys.stderr)
             saved.setdefault(storage.data_ptr(), storage.nbytes())
         return t
 
     # The same tokens on both tensor-parallel ranks (megatron-core expects that).
+    # With context parallelism each rank's share of the rows (its two chunks).
+    cp = par.context_parallel_size
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.vocab_size, (mbs, seq), generator=gen)
-    position_ids = torch.arange(seq).repeat(mbs, 1)
+    ids = torch.randint(0, model.vocab_size, (mbs, seq // cp), generator=gen)
+    position_ids = local_positions(seq, parallel_state.get_context_parallel_rank(), cp).repeat(mbs, 1) \
+        if cp > 1 else torch.arange(seq).repeat(mbs, 1)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = chunk(ids, position_ids, None, labels=ids)
     tp = par.tensor_model_parallel_size
-    mb = MicroBatch(seq_length=seq, micro_batch_size=mbs, tp=tp,
+    mb = MicroBatch(seq_length=seq, micro_batch_size=mbs, tp=tp, cp=cp,
                     sequence_parallel=par.sequence_parallel, implementation="local")
     planned = saved_bytes(model, mb, num_layers=chunk_layers(model.num_layers, 1, 1), first=True,
                           last=True, recompute=recompute)
     measured = sum(saved.values())
+    if cp > 1 and parallel_state.get_context_parallel_rank() == 0 and recompute == "none":
+        # CP rank 0's first chunk is plain causal: no materialised mask (the planner counts the
+        # other ranks, which have one)
+        c = seq // (2 * cp)
+        planned -= model.num_layers * c * c * 2
+    if os.environ.get("PLAN_MEMORY_DEBUG"):  # what to compare when a case fails
+        print(name, "planned layer terms:", layer_terms(model, mb, recompute), file=sys.stderr)
     assert measured == planned, f"{name}: saved activations measured {measured} B, planned {planned} B"
     del loss  # no backward: recomputation's backward needs CUDA (cpu_compat does not cover it)
     parallel_state.destroy_model_parallel()

@@ -74,7 +74,7 @@ def run(opts):
     ref, out = opts["ref"], opts["out"]
     par = setup(
         tp=opts["tp"], pp=opts["pp"], vpp=opts.get("vpp"), sp=opts.get("sp", False),
-        use_distributed_optimizer=opts.get("distopt", False),
+        context_parallel_size=opts.get("cp", 1), use_distributed_optimizer=opts.get("distopt", False),
     )
     model_cfg = tiny_model(**opts.get("model", {}))
     ift = IFTConfig(**opts["ift"])
@@ -83,7 +83,7 @@ def run(opts):
     optimizer = build_optimizer(chunks, OptimizerConfig(**opts["optim"]), model_cfg, par, config)
 
     batch = make_global_batch(opts["global_batch"], opts["seq"], model_cfg.vocab_size, seed=opts["seed"],
-                              packed=opts.get("packed", False))
+                              packed=opts.get("packed", False), multi_turn=opts.get("multi_turn", False))
     mbs = split_microbatches(
         batch, parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(), opts["mbs"],

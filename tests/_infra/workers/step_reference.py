@@ -39,7 +39,7 @@ def reference_step(opts, par):
     (model,) = build_gpt_chunks(model_cfg, par, PLATFORM)
     save_model([model], os.path.join(ref, "init"))
     b = make_global_batch(opts["global_batch"], opts["seq"], model_cfg.vocab_size, seed=opts["seed"],
-                          packed=opts.get("packed", False))
+                          packed=opts.get("packed", False), multi_turn=opts.get("multi_turn", False))
     V = model_cfg.vocab_size
     seg = b.segment_ids
     mask = attention_mask(seg)  # packed rows: block-diagonal causal; else megatron-core's causal
@@ -59,7 +59,8 @@ def reference_step(opts, par):
         E = E.detach()
     mixed = reference.mixed_inputs(E, b.tokens, xhat, lam).transpose(0, 1).contiguous()
     logits = model(b.tokens, b.position_ids, mask, decoder_input=mixed)
-    loss, metrics = reference.ift_loss(logits, b.labels, b.loss_mask, cfg, segment_ids=seg)
+    loss, metrics = reference.ift_loss(logits, b.labels, b.loss_mask, cfg, segment_ids=seg,
+                                       microbatch_rows=opts["mbs"])
     loss.backward()
     save_grads_as_model([model], os.path.join(ref, "grads"))
 
