@@ -22,7 +22,8 @@ and values of the whole row, all-gathered over the context-parallel group (their
 reduce-scattered back) and put in sequence order. Rows that are not packed need no mask tensor:
 each of the rank's two chunks of the load-balanced layout (global chunk ``g`` of ``c`` tokens)
 attends to the first ``(g + 1) c`` keys with a lower-right aligned causal mask
-(``torch.nn.attention.bias.causal_lower_right``, which the fused kernels take). Packed rows come
+(``torch.nn.attention.bias.causal_lower_right`` on CUDA, which the fused kernels take without a
+mask tensor; elsewhere one cached additive mask per shape, :func:`lower_right_causal_mask`). Packed rows come
 with the block mask of their global positions, ``[b, 1, s/cp, s]``
 (:meth:`megatron_ift.training.microbatch.MicroBatch.attention_mask`).
 
@@ -32,6 +33,7 @@ Engine spec is not used).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -48,6 +50,18 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 from megatron_ift.ift.context_parallel import gather_seq_first, gathered_order
+
+
+@functools.lru_cache(maxsize=16)
+def lower_right_causal_mask(sq: int, sk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[sq, sk]`` additive mask (0 / -inf, ``dtype``): query ``i`` sees keys ``<= sk - sq + i``.
+
+    For kernels that cannot take ``causal_lower_right`` without materialising it (the CPU
+    kernels make a new mask per call, which autograd keeps per layer): one cached tensor per
+    shape, which every layer's kernel keeps by reference.
+    """
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
+    return torch.zeros(sq, sk, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
 class SDPAttention(MegatronModule):
@@ -181,13 +195,16 @@ class SDPAttention(MegatronModule):
         out = []
         for j, g in enumerate((self.cp_rank, 2 * self.cp_size - 1 - self.cp_rank)):
             end = (g + 1) * c
-            bias = causal_lower_right(c, end)
+            mask, is_causal = None, g == 0  # the first chunk: square, plain causal
+            if g:
+                mask = (causal_lower_right(c, end) if q.device.type == "cuda"
+                        else lower_right_causal_mask(c, end, q.dtype, q.device))
             qc = q[:, :, j * c:(j + 1) * c]
             if dropout_p > 0.0 and not self.config.sequence_parallel:
                 with tensor_parallel.get_cuda_rng_tracker().fork():
-                    out.append(self._sdpa(qc, k[:, :, :end], v[:, :, :end], bias, False, dropout_p))
+                    out.append(self._sdpa(qc, k[:, :, :end], v[:, :, :end], mask, is_causal, dropout_p))
             else:
-                out.append(self._sdpa(qc, k[:, :, :end], v[:, :, :end], bias, False, dropout_p))
+                out.append(self._sdpa(qc, k[:, :, :end], v[:, :, :end], mask, is_causal, dropout_p))
         return torch.cat(out, dim=2)
 
     def _sdpa(self, q, k, v, mask, is_causal: bool, dropout_p: float) -> torch.Tensor:

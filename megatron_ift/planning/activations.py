@@ -133,17 +133,13 @@ def layer_terms(model: ModelConfig, mb: MicroBatch, recompute: str = "none") -> 
         # Context parallelism (SDPAttention's all-gather scheme): the keys and values of the
         # whole rows, gathered and put in sequence order (one int64 index), are what the kernel
         # keeps; the local k and the qkv output are not saved. Each of the rank's two chunks is
-        # its own kernel call: two outputs besides their concatenation ("attention output"),
-        # and the lower-right causal mask [c, (g + 1) c] that the CPU kernels materialise in the
-        # compute dtype (chunks g = r and 2 cp - 1 - r: c^2 (2 cp + 1) elements; CP rank 0's
-        # first chunk is plain causal, without one).
-        c = s // 2
+        # its own kernel call: two outputs besides their concatenation ("attention output").
+        # (The chunks' causal masks are shared by all layers: cp_mask_bytes.)
         terms["q"] = n * a * d * p
         terms["k, v all-gathered over CP"] = 2 * b * mb.seq_length * g * d * p
         terms["CP sequence-order index (int64)"] = 8 * mb.seq_length
         terms["softmax statistics (fp32)"] = 4 * b * a * s
         terms["chunk outputs"] = n * a * d * p
-        terms["chunk causal masks"] = c * c * (2 * mb.cp + 1) * p
     elif local and model.attention_backend != "local":
         terms["q, k"] = n * (a + g) * d * p
         terms["qkv output (v view)"] = qkv_storage
@@ -203,10 +199,30 @@ def output_terms(model: ModelConfig, mb: MicroBatch) -> dict[str, int]:
     }
 
 
+def cp_mask_bytes(model: ModelConfig, mb: MicroBatch) -> int:
+    """The lower-right causal masks of a context-parallel rank's chunks on the CPU path.
+
+    The local spec's attention under CP on a CPU keeps one cached additive mask per chunk shape,
+    ``[c, (g + 1) c]`` in the compute dtype for the rank's chunks ``g = r`` and ``2 cp - 1 - r``
+    (CP rank 0's first chunk is plain causal, without one), by reference in every layer and
+    micro-batch (with recomputation the cache holds them all the same): counted once per rank.
+    This is the worst rank's (``r >= 1``): ``c^2 (2 cp + 1)`` elements. On CUDA the kernels take
+    the causal shape without a mask: 0.
+    """
+    if mb.cp == 1 or mb.implementation != "local" or model.attention_backend == "local":
+        return 0
+    c = mb.local_seq // 2
+    return c * c * (2 * mb.cp + 1) * DTYPE_BYTES[model.params_dtype]
+
+
 def saved_bytes(model: ModelConfig, mb: MicroBatch, *, num_layers: int, first: bool, last: bool,
-                recompute: str = "none") -> int:
-    """Bytes autograd keeps for one micro-batch through one chunk of ``num_layers`` layers."""
+                recompute: str = "none", shared: bool = True) -> int:
+    """Bytes autograd keeps for one micro-batch through one chunk of ``num_layers`` layers
+    (``shared``: with the tensors every micro-batch's layers keep by reference,
+    :func:`cp_mask_bytes`)."""
     total = num_layers * sum(layer_terms(model, mb, recompute).values())
+    if shared and recompute == "none":  # (recomputed attention keeps no reference)
+        total += cp_mask_bytes(model, mb)
     if recompute == "full" and model.position_embedding_type == "rope":
         # The checkpointed layers share one fp32 rotary frequency table as an input.
         d = model.kv_channels or model.hidden_size // model.num_attention_heads
@@ -258,7 +274,8 @@ def stage_peak(model: ModelConfig, mb: MicroBatch, *, pp: int, vpp: int, pp_rank
                                        num_microbatches=num_microbatches)
     first, last = pp_rank == 0, pp_rank == pp - 1
     saved = in_flight * saved_bytes(model, mb, num_layers=layers, first=False, last=False,
-                                    recompute=recompute)
+                                    recompute=recompute, shared=False)
+    saved += cp_mask_bytes(model, mb)  # cached: once, whatever the recomputation
     # Embedding inputs are tiny; count them for every in-flight chunk (an upper bound). The
     # loss chunk's backward follows its forward directly, so one micro-batch of it is held.
     if first:
