@@ -19,7 +19,8 @@ and the work-around can be removed or adapted (the CPU-specific redirections liv
 * :func:`pop_adam_steps` / :func:`restore_adam_steps`: the loaded state holds no per-parameter
   ``step`` (or shared ones); torch's AdamW increments ``step`` in place, so a tensor shared by
   all parameters would advance once per parameter per step: every parameter gets a ``step``
-  tensor of its own holding the number of updates.
+  tensor of its own holding the number of updates (fused optimizers, which keep it in their
+  param groups, get it there).
 * :func:`make_checkpoint_children_die_with_parent`: dist_checkpointing forks writer processes
   and starts a ``multiprocessing`` manager for their results during a save; neither dies with
   the trainer, so a killed trainer would leave children holding its stdout (``| tee``, a Slurm
@@ -120,13 +121,24 @@ def pop_adam_steps(tree: Any) -> Optional[int]:
 
 
 def restore_adam_steps(optimizer, step: int) -> None:
-    """Every parameter with Adam state gets its own ``step`` tensor holding ``step`` updates."""
+    """Put the number of updates back where each optimizer keeps it.
+
+    torch's Adam/AdamW keep it per parameter: every parameter with Adam state gets a ``step``
+    tensor of its own (AdamW increments it in place). Transformer Engine's and apex's FusedAdam
+    keep it in the param groups (``group["step"]``) and allow no other per-parameter state than
+    their moments and master weights: TE's ``FusedAdam.state_dict`` maps every state name through
+    its dtype table and raises ``KeyError: 'step'`` for a per-parameter one (review finding 3),
+    so for them only the groups are set.
+    """
     for opt in torch_optimizers(optimizer):
+        per_parameter = isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
         for group in opt.param_groups:
+            if not per_parameter:
+                group["step"] = int(step)
+                continue
             for p in group["params"]:
                 st = opt.state.get(p)
                 if st and "exp_avg" in st:
-                    # A tensor of its own per parameter: AdamW increments it in place.
                     st["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 

@@ -13,7 +13,8 @@ the key/value heads for grouped-query attention. :class:`SDPAttention` is a drop
   :func:`megatron_ift.data.packing.packed_attention_mask`) is passed as SDPA's ``attn_mask``
   (True = attend). On this CPU the fused kernel with a block mask is as fast as the causal one
   and exact; a per-segment varlen loop or flex attention would only add Python work here;
-* grouped-query attention via ``enable_gqa`` (no repeated key/value copies);
+* grouped-query attention via ``enable_gqa`` (no repeated key/value copies; on CUDA with a
+  mask the copies are made, so the memory-efficient kernel runs: :func:`grouped_key_values`);
 * attention dropout via ``dropout_p`` in training mode, under megatron-core's model-parallel RNG
   tracker like the local module (different random stream, same distribution).
 
@@ -50,6 +51,26 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 from megatron_ift.ift.context_parallel import gather_seq_first, gathered_order
+
+
+def grouped_key_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, cuda: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Keys and values for ``F.scaled_dot_product_attention`` with grouped-query attention, and
+    its ``enable_gqa`` flag.
+
+    Without a mask, or off CUDA, the groups go in as they are (``enable_gqa``: no copies). On
+    CUDA with a mask (packed rows' block mask, a lower-right causal bias), flash attention takes
+    no mask and memory-efficient attention no ``enable_gqa``, so torch would fall back to the
+    math kernel with ``[b, heads, s, s]`` fp32 scores (review finding 8): there the keys and
+    values are repeated to one per head, which the memory-efficient kernel takes with the mask.
+    ``q [b, heads, s, d]``, ``k, v [b, groups, s, d]``.
+    """
+    heads, groups = q.shape[1], k.shape[1]
+    if heads == groups:
+        return k, v, False
+    if not cuda or mask is None:
+        return k, v, True
+    return k.repeat_interleave(heads // groups, dim=1), v.repeat_interleave(heads // groups, dim=1), False
 
 
 @functools.lru_cache(maxsize=16)
@@ -208,11 +229,12 @@ class SDPAttention(MegatronModule):
         return torch.cat(out, dim=2)
 
     def _sdpa(self, q, k, v, mask, is_causal: bool, dropout_p: float) -> torch.Tensor:
+        k, v, enable_gqa = grouped_key_values(q, k, v, mask, cuda=q.is_cuda)
         return F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
             dropout_p=dropout_p,
             is_causal=is_causal,
             scale=self.softmax_scale,
-            enable_gqa=self.num_heads != self.num_groups,
+            enable_gqa=enable_gqa,
         )

@@ -90,6 +90,11 @@ def test_demo_config_loads_and_overrides_apply():
     ("parallel.tensor_model_parallel_size=3", "must divide the attention heads"),
     ("train.global_batch_size=10", "train.global_batch_size=10 is not a multiple"),
     ("fp8.recipe=mxfp9", "fp8.recipe='mxfp9'"),
+    # TE's FP8 GEMMs need multiples of 16: 120 x 4 / 2 (CP) = 240 passes, / 2 (SP) = 120 fails
+    ("fp8.enabled=true data.seq_length=120 parallel.context_parallel_size=2 parallel.sequence_parallel=true",
+     "= 120 tokens, and Transformer Engine's FP8 GEMMs need a multiple of 16"),
+    ("fp8.enabled=true data.seq_length=126 train.micro_batch_size=1 train.global_batch_size=4",
+     "data.seq_length=126 x train.micro_batch_size=1 = 126 tokens"),
 ])
 def test_bad_run_config(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -148,3 +153,12 @@ def test_model_config_has_one_from_dict_path(tmp_path):
         ModelConfig.from_dict(dict(to_dict(demo.model), activation="relu"))
     with pytest.raises(ConfigError, match="train.recompute='some' is not one of"):
         dataclasses.replace(demo.train, recompute="some")
+
+
+@pytest.mark.parametrize("path", ["configs/llama3_8b_ift.yaml", "configs/llama3_8b_ift_32k.yaml",
+                                  "configs/llama3_70b_ift.yaml", "configs/gpu_check_1b.yaml"])
+def test_gpu_presets_satisfy_fp8_shape_rules(path):
+    """The shipped GPU presets can turn FP8 on: their per-rank tokens and widths are multiples of
+    16 (the refusal above is for configurations TE would reject at the first forward)."""
+    cfg = load_run_config(path, ["fp8.enabled=true"])
+    assert cfg.fp8.enabled
