@@ -27,4 +27,4 @@ def test_planner_bytes_equal_megatron_core_objects():
     cases = re.findall(r"^CASE (.+?) OK", out, flags=re.M)
     total = re.search(r"^ALL (\d+) CASES OK", out, flags=re.M)
     assert total, out[-3000:]
-    assert len(cases) == int(total.group(1)) >= 17, cases
+    assert len(cases) == int(total.group(1)) >= 18, cases

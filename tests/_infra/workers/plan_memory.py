@@ -6,7 +6,8 @@ step (Adam allocates its moments lazily) and compares, on every rank:
 
 * parameter names and shapes with :func:`chunk_parameters`;
 * bytes of distinct parameter storages, gradient (``main_grad``) storages, fp32 master copies and
-  Adam moments with :func:`state_memory`: exactly;
+  Adam moments with :func:`state_memory`: exactly (under context parallelism over the data x
+  context parallel ranks, as the planner sizes it);
 * bytes of distinct tensors autograd saves during one forward (``saved_tensors_hooks``) with
   :func:`saved_bytes` for the local spec: exactly.
 
@@ -67,6 +68,9 @@ CASES = {
                                      dict(bucket_size=3000, grad_reduce_in_fp32=False)),
     "dp2 fp32 params": (dict(), dict(params_dtype="float32"), dict()),
     "dp2 no distopt": (dict(use_distributed_optimizer=False), dict(), dict()),
+    # Context parallelism 2 (DP 1): megatron-core's DDP buffers and distributed optimizer work
+    # over the data x context parallel group, so the two CP ranks split the optimizer state.
+    "cp2 bf16 distopt": (dict(context_parallel_size=2), dict(), dict()),
 }
 
 
@@ -91,9 +95,11 @@ def check_state(name: str, layout: dict, model_kw: dict, opt_kw: dict) -> str:
     init_distributed(par, PLATFORM)
     model_parallel_seed(1234, PLATFORM)
     tp, pp, vpp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.vpp
-    dp = parallel_state.get_data_parallel_world_size()
+    # The planner sizes the state for DP x CP ranks (planner.stage_memory): this process's place
+    # in megatron-core's data x context parallel group.
+    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     bucket_size = opt_kw.get("bucket_size")
     grad_fp32 = opt_kw.get("grad_reduce_in_fp32", True)
 
