@@ -243,9 +243,10 @@ class RunConfig:
         self._check_fp8_shapes()
 
     def _check_fp8_shapes(self) -> None:
-        """Transformer Engine runs a GEMM in FP8 only on 2-D inputs whose dimensions are multiples
-        of 16 (``assert_dim_for_fp8_exec``; it raises at the first forward otherwise): the tokens
-        one rank's linear layers see per micro-batch, and the layers' widths."""
+        """Transformer Engine runs a GEMM in FP8 only when the input's leading dimensions (the
+        tokens one rank's linear layer sees per micro-batch) multiply to a multiple of 8 and its
+        last (the layer's width) is a multiple of 16 (``assert_dim_for_fp8_exec``; it raises at
+        the first forward otherwise)."""
         if not self.fp8.enabled:
             return
         par, m = self.parallel, self.model
@@ -253,13 +254,13 @@ class RunConfig:
         tokens = self.data.seq_length // cp * self.train.micro_batch_size
         if par.sequence_parallel:
             tokens //= tp
-        if tokens % 16:
+        if tokens % 8:
             split = f" / context_parallel_size={cp}" if cp > 1 else ""
             split += f" / tensor_model_parallel_size={tp} (sequence parallel)" if par.sequence_parallel else ""
             raise ConfigError(
                 f"fp8.enabled=true: each rank's linear layers see data.seq_length={self.data.seq_length} "
                 f"x train.micro_batch_size={self.train.micro_batch_size}{split} = {tokens} tokens, and "
-                "Transformer Engine's FP8 GEMMs need a multiple of 16; change data.seq_length (or the "
+                "Transformer Engine's FP8 GEMMs need a multiple of 8; change data.seq_length (or the "
                 "sizes), or set fp8.enabled=false")
         ffn = m.ffn_hidden_size or 4 * m.hidden_size
         for name, width in (("model.hidden_size", m.hidden_size),
