@@ -288,6 +288,13 @@ class RunConfig:
             raise ConfigError(
                 "parallel.context_parallel_size > 1 needs model.attention_backend=sdpa (or auto): "
                 "megatron-core's own local attention has no context parallelism")
+        if self.model.attention_dropout > 0 and self.model.transformer_impl != "transformer_engine":
+            raise ConfigError(
+                f"model.attention_dropout={self.model.attention_dropout} with "
+                "parallel.context_parallel_size > 1: megatron-core seeds the model-parallel dropout "
+                "stream per tensor-parallel rank only, so every context-parallel rank would draw the "
+                "same attention-dropout masks for its own chunks; set model.attention_dropout=0 "
+                "(hidden dropout is unaffected)")
 
     def check_world(self, world_size: int) -> int:
         """Validate against the number of processes; returns the data-parallel size."""

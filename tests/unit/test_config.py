@@ -82,6 +82,7 @@ def test_demo_config_loads_and_overrides_apply():
     ("optimizer.lr_warmup_steps=500", "warm-up (500 steps) must be shorter"),
     ("parallel.context_parallel_size=3", "cannot be split for parallel.context_parallel_size=3"),
     ("parallel.context_parallel_size=2 model.attention_backend=local", "needs model.attention_backend=sdpa"),
+    ("parallel.context_parallel_size=2 model.attention_dropout=0.1", "would draw the same attention-dropout masks"),
     ("parallel.context_parallel_size=2 parallel.tensor_model_parallel_size=4 model.num_query_groups=4 "
      "parallel.sequence_parallel=true data.seq_length=36",
      "18 tokens per rank is not a multiple of tensor_model_parallel_size=4"),
