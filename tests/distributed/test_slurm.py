@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from _infra import ROOT as _INFRA_ROOT
 from _infra.launch import free_port
 from _infra.slurm_cluster import missing_reason, start_cluster, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(_INFRA_ROOT)
 REASON = missing_reason()
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(REASON is not None, reason=REASON or "")]
@@ -81,7 +82,10 @@ def test_batch_job_is_preempted_requeued_and_resumes_to_completion(cluster, tmp_
             wait_until(lambda: submitted.done() or (
                 progress.search(_node_logs(run_dir, 0)) if (run_dir / "logs").exists()
                 else None), 150, "training progress in the first run's log")
-            assert not submitted.done(), f"the job ended before the signal: {out.read_text()}"
+            if submitted.done():  # sbatch's own error (raised by result()) or the job's output
+                result = submitted.result()
+                batch = out.read_text() if out.exists() else "(no batch output)"
+                pytest.fail(f"the job ended before the signal: {result}\n{batch}")
             job = int(cluster.run("squeue", "--noheader", "--format=%i",
                                   "--name=ift-slurm-test").stdout.split()[0])
             # What --signal=B:USR1@N does before the time limit: USR1 to the batch shell only.
