@@ -121,6 +121,7 @@ def patch_cuda_runtime(current_device) -> None:
     torch.cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
     torch.cuda.default_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+    torch.cuda.Stream = _NullStream  # type: ignore[assignment,misc]
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
     torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore[assignment]
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore[assignment]
@@ -169,7 +170,14 @@ def _forked_write_results_queue():
 
 
 class _NullStream:
-    """Stands in for a CUDA stream: waits and records are no-ops on the CPU."""
+    """Stands in for a CUDA stream (``torch.cuda.Stream()`` too: megatron-core's TE attention makes
+    one for context parallelism): waits and records are no-ops on the CPU."""
+
+    def __init__(self, *_a, **_k) -> None:
+        pass
+
+    def wait_event(self, *_a, **_k) -> None:
+        return None
 
     def wait_stream(self, *_a, **_k) -> None:
         return None
