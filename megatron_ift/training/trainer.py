@@ -74,7 +74,8 @@ def summary(cfg: RunConfig, dp: int, resume_from: Optional[str], platform: Platf
         f"from {cfg.checkpoint.pretrained}" if cfg.checkpoint.pretrained else "from scratch")
     return (
         f"megatron-ift train: {method}; model {m.num_layers} layers x {m.hidden_size}, "
-        f"{m.num_parameters() / 1e6:.1f}M parameters; TP {p.tensor_model_parallel_size} "
+        f"{m.num_parameters() / 1e6:.1f}M parameters, {resolve_transformer_impl(m, platform)} "
+        f"layer spec; TP {p.tensor_model_parallel_size} "
         f"PP {p.pipeline_model_parallel_size} CP {p.context_parallel_size} DP {dp}; {t.steps} steps of "
         f"{t.global_batch_size} x {cfg.data.seq_length} tokens, lr {cfg.optimizer.lr:g}; "
         f"{start}; on {platform.describe()}; run folder {cfg.checkpoint.dir}"

@@ -5,7 +5,10 @@ Every GPU preset (``configs/llama3_8b_ift.yaml``, ``configs/llama3_70b_ift.yaml`
 a 4-process world (the parallel features kept: pipeline with virtual stages, tensor parallelism
 with sequence parallelism, data parallelism with the distributed optimizer), and every other key
 as shipped: packing, micro-batch, both overlap options, the fusions the platform decides. Each
-run is 1 step + save, then a resume for step 2 + save. The saved weights and the losses equal the
+run is 1 step + save, then a resume for step 2 + save. The 8B and 70B presets (``transformer_impl:
+auto``) run with the test suite's Transformer Engine stand-in importable (tests/_infra/te_standin),
+as in a GPU container with TE: the TE layer spec, packed rows as THD, TE's FusedAdam, the fusions
+decided with TE present and apex absent; ``gpu_check_1b`` is the local spec as shipped. The saved weights and the losses equal the
 same run with both overlap options off: with ``overlap_param_gather`` the weights of the other
 data-parallel shards are gathered at the next forward, so a save right after an optimizer step
 (``exit_after_steps``, preemption, the end of the run) must gather them first.
@@ -16,6 +19,7 @@ import os
 
 import pytest
 import torch
+from _infra import forkserver
 from _infra.launch import ROOT, torchrun
 
 pytestmark = [pytest.mark.slow]
@@ -28,24 +32,33 @@ SHRINK = [
     "optimizer.lr=1e-3", "optimizer.lr_warmup_fraction=0", "optimizer.lr_warmup_steps=0",
     "checkpoint.pretrained=null", "logging.log_interval=1",
 ]
-# (preset, its layout scaled to 4 processes, layers divisible by PP x VPP)
+# (preset, its layout scaled to 4 processes, layers divisible by PP x VPP, with the TE stand-in)
 PRESETS = {
-    "llama3_8b": ("llama3_8b_ift.yaml", ["model.num_layers=8"], 4),  # PP2 x VPP4 as shipped, DP2
+    "llama3_8b": ("llama3_8b_ift.yaml", ["model.num_layers=8"], 4, True),  # PP2 x VPP4 as shipped, DP2
     "llama3_70b": ("llama3_70b_ift.yaml", ["model.num_layers=4", "parallel.tensor_model_parallel_size=2",
-                                           "parallel.pipeline_model_parallel_size=1"], 4),  # TP2+SP, DP2
-    "gpu_check_1b": ("gpu_check_1b.yaml", ["model.num_layers=2"], 2),  # one GPU as shipped -> DP2
+                                           "parallel.pipeline_model_parallel_size=1"], 4, True),  # TP2+SP, DP2
+    "gpu_check_1b": ("gpu_check_1b.yaml", ["model.num_layers=2"], 2, False),  # one GPU as shipped -> DP2
 }
 NO_OVERLAP = ["parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false"]
-EMULATED = {"MEGATRON_IFT_EMULATE_CUDA": "1"}
+STANDIN = os.path.join(ROOT, "tests", "_infra", "te_standin")
+
+
+def _env(te: bool) -> dict:
+    env = {"MEGATRON_IFT_EMULATE_CUDA": "1"}
+    if te:
+        env["PYTHONPATH"] = os.pathsep.join([STANDIN, forkserver.base_env()["PYTHONPATH"]])
+    return env
 
 
 def _run(preset: str, run_dir: str, *extra: str) -> None:
-    config, layout, nproc = PRESETS[preset]
+    config, layout, nproc, te = PRESETS[preset]
     args = ["--config", os.path.join(ROOT, "configs", config), f"checkpoint.dir={run_dir}",
             *SHRINK, *layout, *extra]
-    torchrun("train_cli.py", nproc, *args, "train.exit_after_steps=1", env=EMULATED, timeout=600)
-    out = torchrun("train_cli.py", nproc, *args, env=EMULATED, timeout=600)
+    torchrun("train_cli.py", nproc, *args, "train.exit_after_steps=1", env=_env(te), timeout=600)
+    out = torchrun("train_cli.py", nproc, *args, env=_env(te), timeout=600)
     assert "resumed from" in out and "done: 2 steps" in out, out[-3000:]
+    spec = "transformer_engine layer spec" if te else "local layer spec"
+    assert spec in out, out[:3000]  # the start line names the layer spec that ran
 
 
 def _weights(ckpt: str) -> dict[str, torch.Tensor]:

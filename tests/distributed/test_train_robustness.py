@@ -116,5 +116,5 @@ def test_bad_config_fails_before_model_construction(args, env, needle, tmp_path)
     r = _cli(f"checkpoint.dir={tmp_path}", "parallel.tensor_model_parallel_size=1", *args, env=env)
     assert r.returncode == 2, r.stdout + r.stderr
     assert needle in r.stderr, r.stderr
-    assert "parameters; TP" not in r.stdout  # nothing was built (no run summary)
+    assert "layer spec; TP" not in r.stdout  # nothing was built (no run summary)
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr  # one line

@@ -159,7 +159,8 @@ def test_model_config_has_one_from_dict_path(tmp_path):
 @pytest.mark.parametrize("path", ["configs/llama3_8b_ift.yaml", "configs/llama3_8b_ift_32k.yaml",
                                   "configs/llama3_70b_ift.yaml", "configs/gpu_check_1b.yaml"])
 def test_gpu_presets_satisfy_fp8_shape_rules(path):
-    """The shipped GPU presets can turn FP8 on: their per-rank tokens and widths are multiples of
-    16 (the refusal above is for configurations TE would reject at the first forward)."""
+    """The shipped GPU presets can turn FP8 on: their per-rank tokens are multiples of 8 and their
+    widths multiples of 16 (the refusal above is for configurations TE would reject at the first
+    forward)."""
     cfg = load_run_config(path, ["fp8.enabled=true"])
     assert cfg.fp8.enabled
