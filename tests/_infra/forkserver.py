@@ -104,8 +104,9 @@ class _Server:
     """The client side: one server process, requests by line on its stdin; a reader thread takes
     its replies from its stdout (a pid per request, an exit status per child as it ends)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path_prefix: str = "") -> None:
         self.env = base_env()
+        self.env["PYTHONPATH"] = path_prefix + self.env["PYTHONPATH"]
         self.startup = _startup_keys(self.env)  # what a forked launch must share with the server
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__)], cwd=ROOT, env={**self.env, **SERVER_ENV},
@@ -151,23 +152,42 @@ class _Server:
                 self.proc.kill()
 
 
-_SERVER: Optional[_Server] = None
-_UNAVAILABLE: Optional[str] = None
+#: Warm servers of this pytest process, by the ``PYTHONPATH`` entries their launches put in front
+#: of :func:`base_env`'s ("" for the plain one): e.g. the Transformer Engine stand-in's folder,
+#: which must be importable before megatron-core is. At most MAX_SERVERS; beyond, fresh interpreters.
+_SERVERS: dict[str, _Server] = {}
+_UNAVAILABLE: dict[str, str] = {}
+MAX_SERVERS = 2
 
 
-def _server() -> Optional[_Server]:
-    """The server of this pytest process (started on first use), or None if it could not start:
-    then every launch is a fresh interpreter (slower, same results) and a warning says why."""
-    global _SERVER, _UNAVAILABLE
-    if _SERVER is None and _UNAVAILABLE is None:
-        try:
-            _SERVER = _Server()
-        except (RuntimeError, OSError, ValueError) as exc:
-            _UNAVAILABLE = str(exc)
-            warnings.warn(f"fork server unavailable, starting fresh interpreters: {exc}")
-            return None
-        atexit.register(_SERVER.close)
-    return _SERVER
+def _path_prefix(env: dict[str, str]) -> Optional[str]:
+    """"" when ``env`` starts Python as :func:`base_env` does; the entries it puts in front of
+    ``base_env``'s ``PYTHONPATH`` when that is its only start-up difference; None otherwise (a
+    launch that must start fresh: other thread counts, another path, ...)."""
+    default, own = _startup_keys(base_env()), _startup_keys(env)
+    base_path, path = default.pop("PYTHONPATH", ""), own.pop("PYTHONPATH", "")
+    if own != default or not path.endswith(base_path):
+        return None
+    return path[: len(path) - len(base_path)]
+
+
+def _server(path_prefix: str = "") -> Optional[_Server]:
+    """The server of this pytest process for ``path_prefix`` (started on first use), or None if
+    it could not start or MAX_SERVERS run already: then the launch is a fresh interpreter
+    (slower, same results; a warning says why a server failed)."""
+    if path_prefix in _SERVERS:
+        return _SERVERS[path_prefix]
+    if path_prefix in _UNAVAILABLE or len(_SERVERS) >= MAX_SERVERS:
+        return None
+    try:
+        server = _Server(path_prefix)
+    except (RuntimeError, OSError, ValueError) as exc:
+        _UNAVAILABLE[path_prefix] = str(exc)
+        warnings.warn(f"fork server unavailable, starting fresh interpreters: {exc}")
+        return None
+    atexit.register(server.close)
+    _SERVERS[path_prefix] = server
+    return server
 
 
 def popen(argv: list[str], *, env: dict[str, str], log: str, cwd: str = ROOT,
@@ -187,7 +207,8 @@ def popen(argv: list[str], *, env: dict[str, str], log: str, cwd: str = ROOT,
     for path in (log, stderr_log):
         if path:
             open(path, "a").close()  # exists on return, before the child writes
-    server = _server() if os.environ.get(DISABLE_ENV) != "1" else None
+    prefix = _path_prefix(env) if os.environ.get(DISABLE_ENV) != "1" else None
+    server = _server(prefix) if prefix is not None else None
     if server is not None and _startup_keys(env) == server.startup:
         return Child(server, server.spawn(argv, env, cwd, log, stderr_log or log))
     out = open(log, "a")

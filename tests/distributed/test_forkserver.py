@@ -3,6 +3,7 @@ environment, ``__main__``, exit status (also by signal), separate stdout and std
 session; launches it cannot fork faithfully (start-up environment) are fresh processes."""
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -68,3 +69,30 @@ def test_a_start_up_environment_gets_a_fresh_interpreter(probe, tmp_path):
     assert proc.wait(timeout=120) == 0
     seen = json.loads((tmp_path / "out.log").read_text().splitlines()[0])
     assert seen["threads"] == 2 and seen["name"] == "__main__"
+
+
+def test_entries_put_in_front_of_the_path_get_a_warm_server_of_their_own(tmp_path, monkeypatch):
+    """A launch whose only start-up difference is PYTHONPATH entries in front of the default ones
+    (the Transformer Engine stand-in's folder) forks from a second server started with them, so
+    they are importable as in a fresh ``python``; any other path starts fresh."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "standin_probe_module.py").write_text("VALUE = 42\n")
+    base = forkserver.base_env()
+    env = dict(base, PYTHONPATH=f"{extra}{os.pathsep}{base['PYTHONPATH']}")
+    assert forkserver._path_prefix(base) == ""
+    assert forkserver._path_prefix(env) == f"{extra}{os.pathsep}"
+    assert forkserver._path_prefix(dict(base, PYTHONPATH=str(extra))) is None
+    assert forkserver._path_prefix(dict(base, OMP_NUM_THREADS="2")) is None
+    script = tmp_path / "probe.py"
+    script.write_text("import standin_probe_module\nprint(standin_probe_module.VALUE)\n")
+    log = tmp_path / "out.log"
+    monkeypatch.setattr(forkserver, "MAX_SERVERS", len(forkserver._SERVERS) + 1)  # room for this one
+    try:
+        proc = forkserver.popen([str(script)], env=env, log=str(log))
+        assert isinstance(proc, forkserver.Child)
+        assert proc.wait(timeout=120) == 0 and log.read_text().strip() == "42"
+    finally:
+        server = forkserver._SERVERS.pop(f"{extra}{os.pathsep}", None)
+        if server is not None:
+            server.close()

@@ -35,7 +35,7 @@ from _infra import forkserver
 from _infra.launch import ROOT, torchrun
 from _infra.training import losses, metrics
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1500)]  # the module fixture: ~14 runs
 
 STANDIN = os.path.join(ROOT, "tests", "_infra", "te_standin")
 WORKER = "train_cli.py"
