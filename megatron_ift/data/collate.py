@@ -21,8 +21,15 @@ def assemble_row(
     pad_id: int,
     sample_id: int,
     packed: bool,
+    multiple: int = 1,
 ) -> dict[str, np.ndarray]:
     """One row of the contract from tokenised samples placed back to back.
+
+    With ``multiple > 1`` every sample is followed by pad tokens up to a multiple of
+    ``multiple`` (:func:`padded_length`) that belong to its segment (positions running on) and
+    are never trained, nor is the sample's last token (its label is a pad): attention sees them
+    only after the sample's own tokens, so the sample's losses are unchanged; Transformer
+    Engine's THD context parallelism needs every segment split into ``2 x cp`` chunks.
 
     Args:
         segments: ``(input_ids [n_k], assistant_mask [n_k])`` per sample; lengths sum to at most
@@ -31,6 +38,7 @@ def assemble_row(
         pad_id: id written at padding positions and as the last label.
         sample_id: the row's stable sample index.
         packed: include ``segment_ids`` (always, for a packed dataset, even with one segment).
+        multiple: pad every sample to a multiple of this many tokens (packed rows only).
 
     Returns:
         ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` (``[s]`` each), ``segment_ids``
@@ -41,15 +49,18 @@ def assemble_row(
     segment = np.empty(seq_length, dtype=np.int64)
     position = np.empty(seq_length, dtype=np.int64)
     t = 0
+    if multiple > 1 and not packed:
+        raise ValueError("assemble_row: multiple > 1 pads packed samples only")
     for k, (ids, mask) in enumerate(segments):
         n = len(ids)
-        if t + n > seq_length:
-            raise ValueError(f"segments need {t + n} tokens but the row has {seq_length}")
+        padded = padded_length(n, multiple)
+        if t + padded > seq_length:
+            raise ValueError(f"segments need {t + padded} tokens but the row has {seq_length}")
         tokens[t : t + n] = ids
         target[t : t + n] = mask
-        segment[t : t + n] = k
-        position[t : t + n] = np.arange(n)
-        t += n
+        segment[t : t + padded] = k  # the sample's pads (tokens stay pad_id, target 0)
+        position[t : t + padded] = np.arange(padded)
+        t += padded
     segment[t:] = len(segments)  # padding: a segment of its own
     # Packed padding restarts its positions like any segment; an unpacked row just runs on.
     position[t:] = np.arange(seq_length - t) if packed else np.arange(t, seq_length)
@@ -68,6 +79,11 @@ def assemble_row(
         row["segment_ids"] = segment
     row["sample_ids"] = np.asarray(sample_id, dtype=np.int64)
     return row
+
+
+def padded_length(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
 
 
 def empty_row(seq_length: int, pad_id: int, packed: bool) -> dict[str, np.ndarray]:

@@ -48,6 +48,13 @@ class DataConfig:
     """``sft``: pack several samples per sequence (segment ids, attention never crosses a
     segment). ``pretrain``: split sequences at end-of-document tokens the same way; off, documents
     run on into each other as in plain GPT pretraining."""
+    segment_multiple: int = 1
+    """``sft`` with packing: pad every packed sample (segment) to a multiple of this many tokens
+    (pads trained nowhere, in the sample's segment, positions running on). Transformer Engine's
+    THD context parallelism splits every segment into ``2 x parallel.context_parallel_size``
+    chunks: the trainer then pads to the least common multiple of this and that by itself; set it
+    here to give another run (the local spec, CP 1) the same rows. Must divide
+    ``seq_length``."""
     truncation: Literal["drop", "truncate"] = "drop"
     """Samples longer than ``seq_length``: ``drop`` them or ``truncate`` them to it (both
     counted in the build report)."""
@@ -86,6 +93,16 @@ class DataConfig:
                 f"data.seq_length={self.seq_length} must be >= 2 (one token and its label)"
             )
         check_positive_int("data.num_proc", self.num_proc)
+        check_positive_int("data.segment_multiple", self.segment_multiple)
+        if self.seq_length % self.segment_multiple:
+            raise ConfigError(
+                f"data.segment_multiple={self.segment_multiple} must divide "
+                f"data.seq_length={self.seq_length} (a padded segment must fit a row)")
+        if self.segment_multiple > 1 and not (self.format == "sft" and self.packing):
+            raise ConfigError(
+                f"data.segment_multiple={self.segment_multiple} pads packed samples: it needs "
+                "data.format=sft with data.packing=true (pretraining documents run on and are not "
+                "padded); set data.segment_multiple=1")
         check_range("data.eval_fraction", self.eval_fraction, 0.0, 1.0, high_inclusive=False)
         for name in ("packing", "shuffle"):
             if not isinstance(getattr(self, name), bool):

@@ -15,6 +15,7 @@ label would be the next segment's first token (see :mod:`megatron_ift.data.batch
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -120,3 +121,13 @@ def cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
     idx = torch.nonzero(starts.reshape(-1), as_tuple=False).squeeze(1)  # [num_segments]
     end = torch.tensor([b * s], device=segment_ids.device, dtype=idx.dtype)
     return torch.cat([idx, end]).to(torch.int32)
+
+
+def thd_segment_multiple(requested: int, context_parallel_size: int, thd: bool) -> int:
+    """The multiple every packed segment is padded to (``data.segment_multiple`` as the data is
+    built): Transformer Engine's THD context parallelism (``thd``: packed rows on the TE spec)
+    splits every segment into ``2 x cp`` chunks, so the least common multiple of ``requested``
+    and ``2 x cp`` then; ``requested`` otherwise."""
+    if thd and context_parallel_size > 1:
+        return math.lcm(requested, 2 * context_parallel_size)
+    return requested

@@ -248,6 +248,8 @@ class SFTDataset:
         members: ``[n]`` the samples (positions in the flat arrays) this split uses.
         sample_ids: ``[n]`` their global sample ids.
         seq_length, pad_id, packing: the row layout.
+        segment_multiple: packed rows: every sample padded to a multiple of this many tokens
+            (:func:`~megatron_ift.data.collate.assemble_row`).
     """
 
     def __init__(
@@ -261,13 +263,16 @@ class SFTDataset:
         seq_length: int,
         pad_id: int,
         packing: bool,
+        segment_multiple: int = 1,
     ) -> None:
         self._values, self._offsets, self._masks = token_values, token_offsets, mask_values
         self.members, self.sample_ids = members, sample_ids
         self.seq_length, self.pad_id, self.packed = seq_length, pad_id, packing
+        self.segment_multiple = segment_multiple
         self.lengths = (token_offsets[members + 1] - token_offsets[members]).astype(np.int64)
         if packing:
-            self.row_offsets, self.row_items = pack_best_fit(self.lengths, seq_length)
+            padded = -(-self.lengths // segment_multiple) * segment_multiple
+            self.row_offsets, self.row_items = pack_best_fit(padded, seq_length)
         else:
             self.row_offsets = np.arange(len(members) + 1, dtype=np.int64)
             self.row_items = np.arange(len(members), dtype=np.int64)
@@ -302,7 +307,8 @@ class SFTDataset:
         ks = self.row_samples(i)
         segments = [self.sample(int(k)) for k in ks]
         return assemble_row(
-            segments, self.seq_length, self.pad_id, int(self.sample_ids[ks[0]]), self.packed
+            segments, self.seq_length, self.pad_id, int(self.sample_ids[ks[0]]), self.packed,
+            self.segment_multiple if self.packed else 1,
         )
 
     def empty_row(self) -> dict[str, np.ndarray]:
@@ -384,6 +390,7 @@ def build_sft(
             seq_length=cfg.seq_length,
             pad_id=pad,
             packing=cfg.packing,
+            segment_multiple=cfg.segment_multiple,
         )
 
     train = make(train_pos)

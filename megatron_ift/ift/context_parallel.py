@@ -57,6 +57,54 @@ def gathered_order(seq_length: int, cp_size: int, device: Optional[torch.device]
     return torch.argsort(every)
 
 
+def thd_local_positions(cu_seqlens: torch.Tensor, cp_rank: int, cp_size: int,
+                        local_tokens: Optional[int] = None) -> torch.Tensor:
+    """Global token indices ``[t / cp]`` of context-parallel rank ``cp_rank``'s tokens of packed
+    (THD) sequences, Transformer Engine's layout: every sequence ``[cu[i], cu[i + 1])`` is split
+    into ``2 x cp`` chunks and the rank holds chunks ``cp_rank`` and ``2 cp - 1 - cp_rank`` *of
+    every sequence*, sequences in order (one sequence ``[0, s]`` gives :func:`local_positions`).
+
+    Computed on ``cu_seqlens``' device without reading it back to the host when
+    ``local_tokens`` is given.
+
+    Args:
+        cu_seqlens: ``[n + 1]`` int cumulative (padded) sequence lengths from 0, each length a
+            multiple of ``2 x cp_size`` (:func:`check_thd_split`).
+        cp_rank, cp_size: the rank and the context-parallel size.
+        local_tokens: ``cu[-1] / cp_size``, the rank's token count (read from ``cu_seqlens``
+            when None: a host synchronisation if it lives on a device).
+    """
+    cu = cu_seqlens.to(torch.int64)
+    if local_tokens is None:
+        local_tokens = int(cu[-1]) // cp_size
+    j = torch.arange(local_tokens, device=cu.device)
+    local = cu // cp_size  # where each sequence's share starts in every rank's tokens
+    seq = torch.searchsorted(local[1:], j, right=True)  # the sequence of each token
+    i = j - local[seq]  # index within the rank's share of that sequence
+    half = (cu[seq + 1] - cu[seq]) // (2 * cp_size)  # that sequence's chunk length
+    first = i < half
+    chunk = torch.where(first, cp_rank, 2 * cp_size - 1 - cp_rank)
+    return cu[seq] + chunk * half + torch.where(first, i, i - half)
+
+
+def thd_gathered_order(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """``[t]``: the index into the concatenation of every rank's THD tokens (rank 0's first) of
+    each global token; ``gathered.index_select(dim, order)`` restores the sequence order."""
+    every = torch.cat([thd_local_positions(cu_seqlens, r, cp_size) for r in range(cp_size)])
+    return torch.argsort(every)
+
+
+def check_thd_split(cu_seqlens: torch.Tensor, cp_size: int) -> None:
+    """Raise ValueError unless every packed sequence of ``cu_seqlens`` (host tensor) can be
+    split into ``2 x cp_size`` chunks (Transformer Engine's THD context parallelism)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    bad = [n for n in lengths if n % (2 * cp_size)]
+    if bad:
+        raise ValueError(f"packed sequence lengths {bad} are not multiples of 2 x context parallel "
+                         f"size = {2 * cp_size} (THD context parallelism splits every sequence); "
+                         "the packer pads segments to data.segment_multiple")
+
+
 class _GatherSeqFirst(torch.autograd.Function):
     """All-gather along dim 0 over ``group``; backward: reduce-scatter (sum) along dim 0."""
 
@@ -85,14 +133,22 @@ def gather_seq_first(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return _GatherSeqFirst.apply(x, group)
 
 
-def gather_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """The full rows ``[b, s, ...]`` from each context-parallel rank's tokens ``x [b, s / cp, ...]``
-    (load-balanced layout), differentiable (see :func:`gather_seq_first`)."""
+def gather_sequence(x: torch.Tensor, group: ProcessGroup,
+                    order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The full rows ``[b, s, ...]`` from each context-parallel rank's tokens ``x [b, s / cp, ...]``,
+    differentiable (see :func:`gather_seq_first`).
+
+    Args:
+        order: ``[s]`` index of each global position into the rank-order concatenation of the
+            ranks' tokens, on ``x``'s device (:func:`thd_gathered_order` for packed THD rows);
+            default: the load-balanced row layout (:func:`gathered_order`).
+    """
     _, cp = group_rank_world(group)
     if cp == 1:
         return x
     gathered = gather_seq_first(x.transpose(0, 1), group)  # [cp * s/cp, b, ...], rank order
-    order = gathered_order(gathered.shape[0], cp, x.device)
+    if order is None:
+        order = gathered_order(gathered.shape[0], cp, x.device)
     return gathered.index_select(0, order).transpose(0, 1)
 
 

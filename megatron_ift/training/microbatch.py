@@ -11,6 +11,9 @@ With context parallelism a rank keeps its two chunks of every row (megatron-core
 layout, :func:`megatron_ift.ift.context_parallel.local_positions`) as the micro-batch's tensors,
 and the whole rows (``whole``) for what IFT computes along the full sequence: the estimated
 sequence, the propagation weights and the loss (:mod:`megatron_ift.ift.context_parallel`).
+Packed rows on the Transformer Engine spec (THD) are split as TE splits them instead: two chunks
+*of every packed segment* (:func:`megatron_ift.ift.context_parallel.thd_local_positions`, segments
+padded to a multiple of ``2 x cp`` by the packer), with the whole row's ``cu_seqlens``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_ift.data.batch import Batch
 from megatron_ift.data.packing import attention_mask, cu_seqlens
 from megatron_ift.ift import Groups
-from megatron_ift.ift.context_parallel import local_positions
+from megatron_ift.ift.context_parallel import (
+    check_thd_split,
+    local_positions,
+    thd_gathered_order,
+    thd_local_positions,
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,14 @@ class MicroBatch(Batch):
     """The whole rows, on the device, with context parallelism (None without: the micro-batch
     itself is whole; see :attr:`rows`)."""
     packed_seq_params: Optional[PackedSeqParams] = None
-    """Packed rows as Transformer Engine THD sequences (the TE spec); None otherwise."""
+    """Packed rows as Transformer Engine THD sequences (the TE spec); None otherwise. Under
+    context parallelism its ``cu_seqlens`` (and ``cu_seqlens_*_padded``, the same: a segment's
+    pads are tokens of its sequence) describe the whole row, as TE's THD context parallelism
+    takes them."""
+    gather_order: Optional[torch.Tensor] = None
+    """``[s]``, THD rows under context parallelism: the ``order`` of
+    :func:`~megatron_ift.ift.context_parallel.gather_sequence` (every segment split over the
+    ranks); None: the load-balanced row layout."""
 
     @staticmethod
     def prepare(batch: Batch, index: int, device: torch.device, *, thd: bool,
@@ -115,21 +130,41 @@ class MicroBatch(Batch):
             thd: packed rows go to attention as THD sequences (``packed_seq_params``) instead of
                 a dense ``[b, 1, s, s]`` mask.
             cp_rank, cp_size: this rank in the context-parallel group; it keeps its two chunks of
-                every row.
+                every row (THD: of every packed segment).
+
+        Raises:
+            ValueError: THD rows under context parallelism with more than one row per
+                micro-batch, or a segment whose length is not a multiple of ``2 x cp_size``.
         """
         groups = Groups.build(batch.loss_mask, batch.segment_ids)
-        positions = local_positions(batch.shape[1], cp_rank, cp_size) if cp_size > 1 else torch.arange(batch.shape[1])
+        thd = thd and batch.segment_ids is not None
+        cu = cu_seqlens(batch.segment_ids) if thd else None  # host, whole rows
+        order = None
+        if cp_size == 1:
+            positions = torch.arange(batch.shape[1])
+        elif thd:
+            if batch.shape[0] != 1:
+                raise ValueError(f"THD rows with context parallelism need one row per micro-batch "
+                                 f"(got {batch.shape[0]})")
+            check_thd_split(cu, cp_size)
+            positions = thd_local_positions(cu, cp_rank, cp_size)
+            order = thd_gathered_order(cu, cp_size).to(device, non_blocking=True)
+        else:
+            positions = local_positions(batch.shape[1], cp_rank, cp_size)
         whole = None
         if cp_size > 1:
             whole = batch.to(device)
             batch = batch.columns(positions)
         selection = PositionSelection.from_mask(batch.loss_mask)
         psp = None
-        if thd and batch.segment_ids is not None:
-            cu = cu_seqlens(batch.segment_ids)
+        if thd:
             longest = int((cu[1:] - cu[:-1]).max())
             cu = cu.to(device, non_blocking=True)
+            # Under CP, cu_seqlens_*_padded: the same offsets (a segment's pads are tokens of its
+            # sequence), by which megatron-core's rotary embedding and TE split the ranks' shares.
+            padded = cu if cp_size > 1 else None
             psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                  cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
                                   max_seqlen_q=longest, max_seqlen_kv=longest)
         on_device = batch.to(device)
         selection = selection.to(device)
@@ -143,6 +178,7 @@ class MicroBatch(Batch):
             positions=positions.to(device, non_blocking=True),
             whole=whole,
             packed_seq_params=psp,
+            gather_order=order,
         )
 
     @property

@@ -33,13 +33,24 @@ def check_platform(cfg: RunConfig, platform: Platform) -> None:
             "global batch) or model.transformer_impl=local"
         )
     if impl == "transformer_engine" and cfg.data.packing and cfg.parallel.context_parallel_size > 1:
-        raise ConfigError(
-            "data.packing=true with parallel.context_parallel_size > 1 on the Transformer Engine "
-            "spec is not supported: TE splits each packed sequence (THD) over the ranks, our IFT "
-            "step splits whole rows; set model.transformer_impl=local (SDPA attention, packed "
-            "rows with a block mask) or data.packing=false"
-        )
+        check_thd_context_parallel(cfg)
     if cfg.fp8.enabled:
         check_fp8_supported(cfg.fp8, platform)
         if impl != "transformer_engine":
             raise ConfigError("fp8.enabled=true needs model.transformer_impl=transformer_engine (or auto)")
+
+
+def check_thd_context_parallel(cfg: RunConfig) -> None:
+    """Packed rows (THD) with context parallelism on the Transformer Engine spec: TE splits every
+    packed segment into ``2 x cp`` chunks, so every segment must be padded to a multiple of that.
+    The SFT packer does it (to ``lcm(data.segment_multiple, 2 x cp)``,
+    :func:`megatron_ift.data.packing.thd_segment_multiple`, which divides ``data.seq_length`` since
+    both do); packed pretraining documents run on unpadded. Raise ConfigError (one line, naming
+    the keys) for a layout that cannot be split."""
+    cp, data = cfg.parallel.context_parallel_size, cfg.data
+    if data.format != "sft":
+        raise ConfigError(
+            f"data.format={data.format} with data.packing=true, parallel.context_parallel_size={cp} "
+            "and model.transformer_impl=transformer_engine: TE's THD context parallelism splits "
+            f"every packed document into 2 x {cp} chunks and pretraining documents are not padded "
+            "to a multiple of that; set data.packing=false or model.transformer_impl=local")

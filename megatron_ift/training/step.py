@@ -191,7 +191,7 @@ class IFTStep:
         out = []
         for i, mb in enumerate(microbatches):
             rows = mb.rows
-            estimates = gather_sequence(ids[i], self.cp_group)  # [b, s]: every rank's chunks
+            estimates = gather_sequence(ids[i], self.cp_group, mb.gather_order)  # [b, s]: every rank's chunks
             xhat = estimated_sequence(rows.tokens, estimates, rows.loss_mask, groups=mb.groups)
             out.append(xhat[:, mb.positions])  # this rank's tokens
         return out
@@ -218,7 +218,7 @@ class IFTStep:
         labels = mb.labels[sel.rows, sel.cols]
         logps = label_logprobs_no_grad(logits[0], labels, self.tp_group)
         token_losses = sel.scatter(-logps, torch.zeros_like(mb.loss_mask, dtype=logps.dtype))
-        token_losses = gather_sequence(token_losses, self.cp_group)  # [b, s]
+        token_losses = gather_sequence(token_losses, self.cp_group, mb.gather_order)  # [b, s]
         sft_sum, sft_count = aggregate(token_losses, mb.rows.loss_mask, mb.groups, self.cfg.aggregation)
         trained = 0 if sel.empty else 1
         report = StepSums(
@@ -276,7 +276,7 @@ class IFTStep:
             chunk_size=self.cfg.logprob_chunk_size,
         )  # [n]
         logps = sel.scatter_grad(picked)  # [b, s/cp], zero at untrained positions (masked)
-        logps = gather_sequence(logps, self.cp_group)  # [b, s]: the whole rows
+        logps = gather_sequence(logps, self.cp_group, mb.gather_order)  # [b, s]: the whole rows
         terms = ift_loss_terms(logps, mb.rows.loss_mask, self.cfg, mb.groups)
         # One context-parallel rank reports the whole rows' loss; every rank's backward returns
         # the gradient of its own log-probs through the gather.

@@ -20,6 +20,7 @@ the ranks' compute-time spread is logged every ``logging.straggler_interval`` st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -32,6 +33,7 @@ from megatron.core import parallel_state
 from megatron_ift.checkpoint import layout
 from megatron_ift.config_io import dump_yaml, to_dict
 from megatron_ift.data import Batch, build_data, check_vocab
+from megatron_ift.data.packing import thd_segment_multiple
 from megatron_ift.data.tokenizer import load_tokenizer
 from megatron_ift.distributed import destroy_distributed, init_distributed, print_rank0, rank, seed_step
 from megatron_ift.errors import ConfigError
@@ -306,7 +308,12 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         # The tokenizer against the model before the (possibly long) data build.
         check_vocab(load_tokenizer(cfg.data.tokenizer_path), cfg.model.vocab_size, cfg.data.tokenizer_path)
-        self.data = build_data(cfg.data, train_samples=t.steps * t.global_batch_size,
+        impl = resolve_transformer_impl(cfg.model, self.platform)
+        # TE's THD context parallelism splits every packed segment into 2 x cp chunks.
+        data_cfg = dataclasses.replace(cfg.data, segment_multiple=thd_segment_multiple(
+            cfg.data.segment_multiple, cfg.parallel.context_parallel_size,
+            thd=impl == "transformer_engine" and cfg.data.packing))
+        self.data = build_data(data_cfg, train_samples=t.steps * t.global_batch_size,
                                eval_samples=max(t.global_batch_size, 1) * 4)
         check_vocab(self.data.tokenizer, cfg.model.vocab_size, cfg.data.tokenizer_path)
         self.chunks, tconfig = build_model(
@@ -325,7 +332,7 @@ class Trainer:
         self.step_fn = IFTStep(
             self.chunks, cfg.ift, cfg.model.vocab_size, seq_length=cfg.data.seq_length,
             micro_batch_size=t.micro_batch_size, platform=self.platform,
-            thd=resolve_transformer_impl(cfg.model, self.platform) == "transformer_engine",
+            thd=impl == "transformer_engine",
             progress=self.watchdog.progress,
         )
 

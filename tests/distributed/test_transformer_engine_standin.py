@@ -13,6 +13,9 @@ preset's packed rows with micro-batch 1 (packed rows reach TE's attention as THD
   sequence parallelism: every loss within 2 % of the float32 run's and falling over the run;
 * CP 2 x TP 2 with sequence parallelism on unpacked rows (TE's attention with its CP group) against
   the local spec at CP 1 (1e-5);
+* CP 2 on packed rows (THD: TE splits every packed segment over the ranks, the packer pads each to
+  a multiple of 2 x CP = 4) against the local spec at CP 1 on the same padded rows
+  (``data.segment_multiple=4``) (1e-5);
 * a local-spec checkpoint resumed on the TE spec, and a TE-spec checkpoint on the local spec;
 * ``import-hf`` of a tiny Llama, two steps on the TE spec, ``export-hf``: the export loads in
   ``transformers`` with the logits of the same path on the local spec (1e-5).
@@ -73,10 +76,13 @@ def runs(tmp_path_factory):
            "parallel.virtual_pipeline_model_parallel_size=2")
     _train(2, str(d / "te_dp2_overlap"), *start, *TE, "parallel.use_distributed_optimizer=true",
            "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true")
-    # context parallelism on TE's attention (unpacked rows: THD with CP is refused) vs CP 1
+    # context parallelism on TE's attention (unpacked rows) vs CP 1
     _train(1, str(d / "local_unpacked"), *start, *LOCAL, "data.packing=false")
     _train(4, str(d / "te_cp2_tp2sp"), *start, *TE, *TP2_SP, "data.packing=false",
            "parallel.context_parallel_size=2")
+    # packed rows (THD) with context parallelism on TE vs CP 1 on the same padded rows
+    _train(1, str(d / "local_pad4"), *start, *LOCAL, "data.segment_multiple=4")
+    out["te_thd_cp2_log"] = _train(2, str(d / "te_thd_cp2"), *start, *TE, "parallel.context_parallel_size=2")
     fp8 = [f"checkpoint.pretrained={base}", "train.steps=4"]
     _train(2, str(d / "fp32_tp2sp"), *fp8, *LOCAL, *TP2_SP)
     for recipe in ("delayed", "tensorwise"):
@@ -108,6 +114,21 @@ def test_te_context_parallel_equals_the_local_spec_without_it(runs):
     assert len(got) == len(want) == 3
     for key in KEYS:
         assert [m[key] for m in got] == pytest.approx([m[key] for m in want], rel=1e-5), key
+
+
+def test_te_thd_context_parallel_equals_the_local_spec_without_it(runs):
+    """Packed rows (THD) at CP 2 on the TE spec: TE's split of every packed segment (chunks r and
+    2cp-1-r of each, the whole row's cu_seqlens), its THD CP attention and RoPE, the step's
+    gather of whole rows in that order; against the local spec at CP 1 on the same rows (every
+    segment padded to a multiple of 4, which the trainer chose by itself for the TE run)."""
+    d = runs["dir"]
+    want, got = metrics(str(d / "local_pad4")), metrics(str(d / "te_thd_cp2"))
+    assert len(got) == len(want) == 3
+    for key in KEYS:
+        assert [m[key] for m in got] == pytest.approx([m[key] for m in want], rel=1e-5), key
+    assert "CP 2" in runs["te_thd_cp2_log"] and "transformer_engine" in runs["te_thd_cp2_log"]
+    # the padding changed the rows: the unpadded local run differs
+    assert [m["loss"] for m in metrics(str(d / "local"))] != [m["loss"] for m in want]
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])

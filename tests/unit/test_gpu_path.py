@@ -88,18 +88,23 @@ def test_packed_thd_needs_micro_batch_one():
                                   "model.attention_backend": "auto"}), te)
 
 
-def test_packed_rows_with_context_parallelism_on_te_are_refused():
-    """TE splits each THD sequence over the context-parallel ranks; the step splits rows."""
+def test_packed_rows_with_context_parallelism_on_te_need_padded_segments():
+    """TE splits each THD sequence over the context-parallel ranks: the SFT packer pads every
+    segment to a multiple of 2 x cp; packed pretraining documents are not padded (refused)."""
     from megatron_ift.platform import Kernels, Platform
     from megatron_ift.training.preflight import check_platform
 
     te = Platform(kind="cuda", device=torch.device("cuda", 0), kernels=Kernels(transformer_engine=True))
     over = {"model.transformer_impl": "transformer_engine", "model.attention_backend": "auto",
             "train.micro_batch_size": 1, "parallel.context_parallel_size": 2}
-    with pytest.raises(ConfigError, match="packing=true with parallel.context_parallel_size > 1"):
-        check_platform(_run_config(**over), te)
-    check_platform(_run_config(**over, **{"data.packing": "false"}), te)
-    check_platform(_run_config(**dict(over, **{"model.transformer_impl": "local"})), te)
+    check_platform(_run_config(**over), te)
+    check_platform(_run_config(**over, **{"data.segment_multiple": 8}), te)
+    pretrain = {"data.format": "pretrain", "data.paths": "[data/x]"}
+    with pytest.raises(ConfigError, match="data.format=pretrain with data.packing=true, "
+                                          "parallel.context_parallel_size=2 and model.transformer_impl"):
+        check_platform(_run_config(**over, **pretrain), te)
+    check_platform(_run_config(**over, **pretrain, **{"data.packing": "false"}), te)
+    check_platform(_run_config(**dict(over, **pretrain, **{"model.transformer_impl": "local"})), te)
 
 
 def test_packed_rows_on_megatrons_local_attention_use_the_masked_softmax_kernel(monkeypatch):

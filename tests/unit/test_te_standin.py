@@ -102,6 +102,100 @@ def test_thd_attention_refuses_what_te_refuses(te):
         te.DotProductAttention(4, 8, no_such_option=True)
 
 
+def _thd_cp_rank(te, monkeypatch, q, k, v, cu, rank, cp, comm="p2p"):
+    """Rank ``rank`` of a CP group of ``cp`` in one process: the all-gather returns every rank's
+    share (TE's split of each sequence), as the collective would."""
+    from transformer_engine.pytorch.attention import dot_product_attention as dpa
+    from transformer_engine.pytorch.attention.rope import thd_positions
+
+    def share(x, r):
+        seq, pos = thd_positions(cu, x.shape[0] // cp, cp, r)
+        return x[cu.long()[seq] + pos]
+
+    calls = iter((k, v))  # the attention gathers keys, then values
+
+    class Gather:
+        @staticmethod
+        def apply(x, group):
+            whole = next(calls)
+            return torch.cat([share(whole, r) for r in range(cp)])  # rank order
+
+    attn = _dpa(te)
+    attn.cp_size, attn.cp_group, attn.cp_comm_type = cp, object(), comm
+    monkeypatch.setattr(dpa, "_GatherSeq", Gather)
+    monkeypatch.setattr(dpa.dist, "get_rank", lambda group=None: rank)
+    out = attn(share(q, rank), share(k, rank), share(v, rank), cu_seqlens_q=cu, cu_seqlens_kv=cu,
+               cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu, max_seqlen_q=8, max_seqlen_kv=8)
+    return out, share
+
+
+def test_thd_attention_with_context_parallelism_is_the_same_attention(te, monkeypatch):
+    """TE's THD CP layout: rank r holds chunks r and 2cp-1-r of every sequence; its output is the
+    CP 1 output at those tokens."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 4, 12, 16, 24], dtype=torch.int32)
+    q, k, v = torch.randn(24, 4, 8), torch.randn(24, 2, 8), torch.randn(24, 2, 8)
+    whole = _dpa(te)(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
+    for rank in range(2):
+        out, share = _thd_cp_rank(te, monkeypatch, q, k, v, cu, rank, 2)
+        torch.testing.assert_close(out, share(whole, rank), rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="thd format is not supported"):
+        _thd_cp_rank(te, monkeypatch, q, k, v, cu, 0, 2, comm="all_gather")
+    odd = torch.tensor([0, 6, 12, 16, 24], dtype=torch.int32)  # 6 does not split into 4 chunks
+    with pytest.raises(RuntimeError, match="multiple of 2 x cp_size = 4"):
+        _thd_cp_rank(te, monkeypatch, q, k, v, odd, 0, 2)
+
+
+def test_thd_attention_ignores_padding_between_sequences(te):
+    """``cu_seqlens_*_padded`` lay the tokens out, ``cu_seqlens_*`` say which are real: a padded
+    sequence's real tokens attend as the unpadded sequence; padding outputs 0."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    cu, padded = torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 4, 12], dtype=torch.int32)
+    out = _dpa(te)(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
+                   cu_seqlens_kv_padded=padded, max_seqlen_q=8, max_seqlen_kv=8)
+    real = torch.tensor([0, 1, 2, 4, 5, 6, 7, 8])
+    want = _dpa(te)(q[real], k[real], v[real], cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=5,
+                    max_seqlen_kv=5)
+    torch.testing.assert_close(out[real], want, rtol=1e-5, atol=1e-6)
+    assert not out[[3, 9, 10, 11]].any()
+
+
+def test_thd_rope_with_context_parallelism_is_megatron_cores(te):
+    """TE's fused THD RoPE under CP (``cu_seqlens`` of the whole sequences, the rank's tokens)
+    against megatron-core's unfused reference of the same contract."""
+    from megatron.core.models.common.embeddings.rope_utils import (
+        _apply_rotary_pos_emb_thd,
+    )
+    from transformer_engine.pytorch.attention.rope import (
+        apply_rotary_pos_emb,
+        thd_positions,
+    )
+
+    class Group:  # what megatron-core reads from the CP group
+        def __init__(self, rank, size):
+            self._rank, self._size = rank, size
+
+        def rank(self):
+            return self._rank
+
+        def size(self):
+            return self._size
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 4, 12, 16, 24], dtype=torch.int32)
+    freqs = torch.randn(10, 1, 1, 8)  # max_seqlen 10 != 24 tokens: positions from each sequence's start
+    t = torch.randn(24, 2, 8)
+    for cp in (1, 2):
+        for rank in range(cp):
+            seq, pos = thd_positions(cu, 24 // cp, cp, rank)
+            mine = t[cu.long()[seq] + pos]
+            got = apply_rotary_pos_emb(mine, freqs, tensor_format="thd", fused=True, cu_seqlens=cu,
+                                       cp_size=cp, cp_rank=rank)
+            want = _apply_rotary_pos_emb_thd(mine, cu, freqs, cp_group=Group(rank, cp))
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.fixture
 def hopper(monkeypatch):
     """FP8 autocast asks for a CUDA device of capability >= 8.9."""

@@ -11,7 +11,10 @@ takes the padding kinds (sequences never attend to each other). Grouped-query at
 megatron-core's load-balanced layout (rank ``r`` holds chunks ``r`` and ``2 cp - 1 - r``), keys and
 values all-gathered over the CP group and put in sequence order, each chunk attending up to its
 end; ``p2p`` and ``all_gather`` give the same result (they differ in TE's communication
-schedule, which is not modelled); ``thd`` with CP and ``a2a`` are not covered.
+schedule, which is not modelled); ``a2a`` is not covered. ``thd`` with CP (``p2p`` only, as in TE):
+each rank holds chunks ``r`` and ``2 cp - 1 - r`` of every packed sequence, ``cu_seqlens`` (and
+``cu_seqlens_*_padded``) describe the whole sequences, every padded length a multiple of ``2 cp``
+(asserted on the device); keys and values all-gathered and reordered by the global positions.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from transformer_engine.pytorch.attention.rope import thd_positions
 
 _PADDING_KINDS = ("padding", "padding_causal", "padding_causal_bottom_right")
 _MASKS = ("no_mask", "causal", "causal_bottom_right", "arbitrary") + _PADDING_KINDS
@@ -183,12 +188,20 @@ class DotProductAttention(torch.nn.Module):
         return torch.cat(out, dim=2)
 
     def _thd(self, q, k, v, mask_type, cu_q, cu_kv, cu_q_padded, cu_kv_padded, max_q, max_kv):
-        if self.cp_size > 1:
-            raise NotImplementedError("THD with context parallelism is not covered by the stand-in")
+        """THD: tokens of packed sequences laid out by ``cu_seqlens_*_padded`` (default: the
+        unpadded offsets), the first ``cu[i + 1] - cu[i]`` tokens of sequence ``i`` real (padding
+        attends nowhere and its output is 0). With context parallelism (``p2p``, the only THD
+        mode TE has) ``q/k/v`` hold this rank's share of every sequence (chunks ``r`` and
+        ``2 cp - 1 - r`` of ``2 cp``) and the offsets describe the whole sequences: keys and values
+        are all-gathered over the CP group and put in global token order."""
         if mask_type not in _PADDING_KINDS + ("causal", "no_mask"):
             raise ValueError(f"qkv_format='thd' with attn_mask_type={mask_type!r}")
-        for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_kv", cu_kv)):
+        named = (("cu_seqlens_q", cu_q), ("cu_seqlens_kv", cu_kv), ("cu_seqlens_q_padded", cu_q_padded),
+                 ("cu_seqlens_kv_padded", cu_kv_padded))
+        for name, cu in named:
             if cu is None:
+                if name.endswith("_padded"):
+                    continue
                 raise ValueError(f"qkv_format='thd' needs {name}")
             if cu.dtype != torch.int32:
                 raise TypeError(f"{name} must be int32 (got {cu.dtype}), as TE's kernels take it")
@@ -196,20 +209,47 @@ class DotProductAttention(torch.nn.Module):
                 raise ValueError(f"{name} must be on the inputs' device {q.device} (got {cu.device})")
             if cu.dim() != 1:
                 raise ValueError(f"{name} must be 1-D")
-        for name, padded in (("cu_seqlens_q_padded", cu_q_padded), ("cu_seqlens_kv_padded", cu_kv_padded)):
-            if padded is not None and not torch.equal(padded, cu_q if "q_" in name else cu_kv):
-                raise NotImplementedError(f"{name} differing from the unpadded offsets is not covered")
         if max_q is None or max_kv is None:
             raise ValueError("qkv_format='thd' needs max_seqlen_q and max_seqlen_kv")
         if q.shape[0] != k.shape[0]:
             raise NotImplementedError("THD with different query and key token counts is not covered")
-        # Block-diagonal (causal) mask from the sequence of each token, built on the device.
+        pad_q = cu_q if cu_q_padded is None else cu_q_padded
+        pad_kv = cu_kv if cu_kv_padded is None else cu_kv_padded
         t = q.shape[0]
-        tokens = torch.arange(t, device=q.device)
-        seq = torch.searchsorted(cu_q[1:].to(torch.int64), tokens, right=True)
-        allowed = seq[:, None] == seq[None, :]
+        cp = self.cp_size
+        if cp > 1:
+            if self.cp_comm_type != "p2p":
+                # TE's all_gather and a2a context parallelism assert qkv_format != "thd".
+                raise AssertionError(f"thd format is not supported with cp_comm_type={self.cp_comm_type!r} "
+                                     "(Transformer Engine's THD context parallelism is p2p)")
+            if t % 2:
+                raise AssertionError("Sequence length per GPU needs to be divisible by 2!")
+            for name, cu in (("cu_seqlens_q_padded", pad_q), ("cu_seqlens_kv_padded", pad_kv)):
+                # Every (padded) sequence is split into 2 x cp chunks; checked on the device.
+                torch._assert_async(((cu[1:] - cu[:-1]) % (2 * cp) == 0).all(),
+                                    f"{name}: every padded sequence length must be a multiple of "
+                                    f"2 x cp_size = {2 * cp} for THD context parallelism")
+            rank = dist.get_rank(self.cp_group)
+            seq_q, pos_q = thd_positions(pad_q, t, cp, rank)
+            k, v = (_GatherSeq.apply(x, self.cp_group) for x in (k, v))  # [cp * t, g, d], rank order
+            every = []
+            for r in range(cp):
+                seq_r, pos_r = thd_positions(pad_kv, t, cp, r)
+                every.append(pad_kv.to(torch.int64)[seq_r] + pos_r)
+            order = torch.argsort(torch.cat(every))
+            k, v = (x.index_select(0, order) for x in (k, v))  # global token order
+            seq_k, pos_k = thd_positions(pad_kv, cp * t)
+        else:
+            seq_q, pos_q = thd_positions(pad_q, t)
+            seq_k, pos_k = thd_positions(pad_kv, t)
+        # Block-diagonal (causal) mask of real tokens, built on the device.
+        real_q = pos_q < (cu_q[1:] - cu_q[:-1]).to(torch.int64)[seq_q]
+        real_k = pos_k < (cu_kv[1:] - cu_kv[:-1]).to(torch.int64)[seq_k]
+        allowed = (seq_q[:, None] == seq_k[None, :]) & real_k[None, :]
         if "causal" in mask_type:
-            allowed = allowed & (tokens[None, :] <= tokens[:, None])
+            allowed = allowed & (pos_k[None, :] <= pos_q[:, None])
+        allowed = allowed | ~real_q[:, None]  # padding queries: any row (output zeroed below)
         qb, kb, vb = (x.permute(1, 0, 2)[None] for x in (q, k, v))  # [1, h, t, d]
         out = self._sdpa(qb, kb, vb, allowed, False)  # [1, h, t, d]
+        out = out * real_q[None, None, :, None].to(out.dtype)
         return out[0].permute(1, 0, 2).reshape(t, self.num_heads * self.head_dim)

@@ -3,8 +3,11 @@
 ``t``: ``sbhd`` ``[s, b, h, d]``, ``bshd`` ``[b, s, h, d]`` or ``thd`` ``[t, h, d]`` with
 ``cu_seqlens`` (positions restart at every sequence); ``freqs`` ``[s_max, 1, 1, d_rot]`` (fp32).
 The first ``d_rot`` channels rotate (``interleaved``: pairs ``(2i, 2i+1)``, else halves), the rest
-pass through. ``thd`` with ``cp_size > 1`` is not covered. No host synchronisation: positions
-within the packed sequences are computed on the device.
+pass through. ``thd`` with context parallelism (``cp_size > 1``), as TE's fused kernel: ``t`` holds
+rank ``cp_rank``'s tokens, ``cu_seqlens`` the whole (padded) sequences; each sequence's share on
+the rank is its chunks ``cp_rank`` and ``2 cp - 1 - cp_rank`` of ``2 cp``, so a token's position
+is its position in the whole sequence. No host synchronisation: positions within the packed
+sequences are computed on the device.
 """
 
 from __future__ import annotations
@@ -46,10 +49,24 @@ def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, tensor_format: st
         raise ValueError("tensor_format='thd' needs cu_seqlens")
     if cu_seqlens.dtype != torch.int32:
         raise TypeError("cu_seqlens must be int32 (as TE's kernels take it)")
-    if cp_size > 1:
-        raise NotImplementedError("the Transformer Engine stand-in's THD RoPE has no context parallelism")
     # Each token's position in its sequence, on the device (TE's kernel reads cu_seqlens there).
-    tokens = torch.arange(t.shape[0], device=t.device)
-    seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True)
-    pos = tokens - cu_seqlens.to(torch.int64)[seq]
+    pos = thd_positions(cu_seqlens, t.shape[0], cp_size, cp_rank)[1]
     return _apply(t, freqs.index_select(0, pos)[:, 0], interleaved)
+
+
+def thd_positions(cu_seqlens: torch.Tensor, tokens: int, cp_size: int = 1,
+                  cp_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sequence, position in it)`` ``[tokens]`` each of rank ``cp_rank``'s THD tokens, TE's
+    context-parallel split of every sequence of ``cu_seqlens`` (whole sequences) into ``2 cp``
+    chunks (rank ``r``: chunks ``r`` and ``2 cp - 1 - r``); on the device, no host sync."""
+    cu = cu_seqlens.to(torch.int64)
+    j = torch.arange(tokens, device=cu.device)
+    local = cu // cp_size
+    seq = torch.searchsorted(local[1:], j, right=True)
+    i = j - local[seq]
+    if cp_size == 1:
+        return seq, i
+    half = (cu[seq + 1] - cu[seq]) // (2 * cp_size)
+    first = i < half
+    chunk = torch.where(first, cp_rank, 2 * cp_size - 1 - cp_rank)
+    return seq, chunk * half + torch.where(first, i, i - half)
