@@ -313,6 +313,10 @@ class Trainer:
         data_cfg = dataclasses.replace(cfg.data, segment_multiple=thd_segment_multiple(
             cfg.data.segment_multiple, cfg.parallel.context_parallel_size,
             thd=impl == "transformer_engine" and cfg.data.packing))
+        if data_cfg.segment_multiple != cfg.data.segment_multiple:
+            print_rank0(f"packing: every sample padded to a multiple of {data_cfg.segment_multiple} "
+                        f"tokens (TE's THD context parallelism splits each packed segment into 2 x "
+                        f"{cfg.parallel.context_parallel_size} chunks)")
         self.data = build_data(data_cfg, train_samples=t.steps * t.global_batch_size,
                                eval_samples=max(t.global_batch_size, 1) * 4)
         check_vocab(self.data.tokenizer, cfg.model.vocab_size, cfg.data.tokenizer_path)
