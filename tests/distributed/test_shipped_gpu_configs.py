@@ -1,11 +1,11 @@
 """The shipped GPU configurations, run as shipped under the emulated CUDA device.
 
 Every GPU preset (``configs/llama3_8b_ift.yaml``, ``configs/llama3_70b_ift.yaml``,
-``configs/gpu_check_1b.yaml``) trains with its model shrunk in width and depth, its layout scaled to
+``configs/llama3_8b_ift_32k.yaml``, ``configs/gpu_check_1b.yaml``) trains with its model shrunk in width and depth, its layout scaled to
 a 4-process world (the parallel features kept: pipeline with virtual stages, tensor parallelism
 with sequence parallelism, data parallelism with the distributed optimizer), and every other key
 as shipped: packing, micro-batch, both overlap options, the fusions the platform decides. Each
-run is 1 step + save, then a resume for step 2 + save. The 8B and 70B presets (``transformer_impl:
+run is 1 step + save, then a resume for step 2 + save. The 8B, 70B and 32k presets (``transformer_impl:
 auto``) run with the test suite's Transformer Engine stand-in importable (tests/_infra/te_standin),
 as in a GPU container with TE: the TE layer spec, packed rows as THD, TE's FusedAdam, the fusions
 decided with TE present and apex absent; ``gpu_check_1b`` is the local spec as shipped. The saved weights and the losses equal the
@@ -38,6 +38,9 @@ PRESETS = {
     "llama3_70b": ("llama3_70b_ift.yaml", ["model.num_layers=4", "parallel.tensor_model_parallel_size=2",
                                            "parallel.pipeline_model_parallel_size=1"], 4, True),  # TP2+SP, DP2
     "gpu_check_1b": ("gpu_check_1b.yaml", ["model.num_layers=2"], 2, False),  # one GPU as shipped -> DP2
+    # TP2+SP x CP4 as shipped -> TP2+SP x CP2: packed THD rows split per segment over the CP ranks
+    "llama3_8b_32k": ("llama3_8b_ift_32k.yaml", ["model.num_layers=2",
+                                                 "parallel.context_parallel_size=2"], 4, True),
 }
 NO_OVERLAP = ["parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false"]
 STANDIN = os.path.join(ROOT, "tests", "_infra", "te_standin")
