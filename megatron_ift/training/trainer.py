@@ -313,6 +313,12 @@ class Trainer:
         data_cfg = dataclasses.replace(cfg.data, segment_multiple=thd_segment_multiple(
             cfg.data.segment_multiple, cfg.parallel.context_parallel_size,
             thd=impl == "transformer_engine" and cfg.data.packing))
+        # For a resume whose data position no longer fits (the trainer's refusal names the cause).
+        self.padding_note = (
+            f"; packed samples on the Transformer Engine spec are padded to a multiple of 2 x "
+            f"parallel.context_parallel_size tokens under context parallelism (this run: {data_cfg.segment_multiple}), so the rows "
+            "change with the context-parallel size"
+            if impl == "transformer_engine" and cfg.data.packing else "")
         if data_cfg.segment_multiple != cfg.data.segment_multiple:
             print_rank0(f"packing: every sample padded to a multiple of {data_cfg.segment_multiple} "
                         f"tokens (TE's THD context parallelism splits each packed segment into 2 x "
@@ -353,7 +359,7 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(
                 f"resuming {self.resume_from}: the data no longer matches its saved position "
-                f"({exc}); restore the data.* options or start a new run from it "
+                f"({exc}{self.padding_note}); restore the data.* options or start a new run from it "
                 f"(checkpoint.pretrained={self.resume_from} and a new checkpoint.dir)"
             ) from None
         print_rank0(f"resumed from {self.resume_from} at step {self.start_step}")

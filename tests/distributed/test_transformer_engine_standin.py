@@ -131,6 +131,20 @@ def test_te_thd_context_parallel_equals_the_local_spec_without_it(runs):
     assert [m["loss"] for m in metrics(str(d / "local"))] != [m["loss"] for m in want]
 
 
+def test_resuming_thd_rows_at_another_cp_size_names_the_padding(runs):
+    """The CP 2 run's rows were padded for TE's THD split; at CP 1 they are not, the data position
+    no longer fits, and the refusal (one line, exit 2) says why."""
+    d = runs["dir"]
+    env = dict(forkserver.base_env(), **_env())
+    r = forkserver.run(["-m", "megatron_ift.train", "--config", DEMO, f"checkpoint.dir={d / 'te_thd_cp2'}",
+                        *COMMON, *TE, f"checkpoint.pretrained={d / 'base'}", "train.steps=4",
+                        "checkpoint.override_scheduler=true"], env=env)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "the data no longer matches its saved position" in r.stderr
+    assert "padded to a multiple of 2 x parallel.context_parallel_size" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 def test_fp8_trains_close_to_float32(runs, recipe):
     d = runs["dir"]
