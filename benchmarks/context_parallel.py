@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from _report import cpu_description, write_result  # noqa: E402  (benchmarks/, the script's folder)
 _MODEL_KEYS = ("layers", "hidden", "heads", "groups", "vocab", "seq", "prompt_fraction", "steps")
 
 
@@ -186,19 +187,14 @@ def main(argv=None) -> int:
         })
     result = {
         "benchmark": "context_parallel",
-        "device": f"CPU ({host.processor() or host.machine()}, {os.cpu_count()} cores), one thread per rank",
+        "device": f"{cpu_description()}, one thread per rank",
         "torch": torch.__version__,
         "config": {k: getattr(args, k) for k in _MODEL_KEYS},
         "memory_kind": "rise of the resident set during one step above the set before it (VmHWM)",
         "summary": summary,
         "runs": runs,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG_KEYS = ("layers", "hidden", "heads", "vocab", "seq", "mbs", "microbatches", "dtype", "warmup",
                 "steps", "prompt_fraction")
 sys.path.insert(0, ROOT)
+
+from _report import cpu_description, write_result  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def _setup(args):
@@ -107,7 +108,7 @@ def run_timing(args) -> dict:
                 cpu[mode].append(ct)
     med = {k: statistics.median(v) for k, v in wall.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
-    device = platform.describe() if platform.cuda else f"CPU ({host.processor() or host.machine()}, {os.cpu_count()} cores)"
+    device = platform.describe() if platform.cuda else cpu_description()
     return {"device": device, "median_step_s": med, "all_step_s": wall, "ratio": med["ift"] / med["sft"],
             "median_cpu_s": cmed, "cpu_ratio": cmed["ift"] / cmed["sft"],
             "floor": 1.0 + med["forward"] / med["sft"]}
@@ -185,12 +186,7 @@ def main(argv=None) -> int:
         "peak_memory_ratio_ift_over_sft": mem["ift"]["peak_bytes"] / mem["sft"]["peak_bytes"],
         "targets": {"step_time_ratio_max": 1.36, "memory_ratio_max": 1.05},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host
 import resource
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from _report import cpu_description, write_result  # noqa: E402  (benchmarks/, the script's folder)
 
 # SmolLM2-135M(-Instruct): the model the issue measured.
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152,
@@ -278,7 +279,7 @@ def run_timing(args) -> dict:
     trained = float(sum(mb.loss_mask.sum() for mb in mbs) / len(mbs))
     med = {m: statistics.median(v) for m, v in times.items()}
     platform = run.platform
-    device = platform.describe() if platform.cuda else f"CPU ({host.processor() or host.machine()}, {os.cpu_count()} cores)"
+    device = platform.describe() if platform.cuda else cpu_description()
     return {
         "device": device,
         "first_loss_forward_only": check,
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
         result = {"benchmark": "profile_sft_step", "config": {k: getattr(args, k) for k in _CONFIG_KEYS},
                   "load_average_1m_at_end": None, **run_profile(args)}
         result["load_average_1m_at_end"] = os.getloadavg()[0]
-        _write(result, args.out)
+        write_result(result, args.out)
         return 0
 
     base = [sys.executable, os.path.abspath(__file__), f"--threads={args.threads}"] + [
@@ -397,7 +398,7 @@ def main(argv=None) -> int:
         **timing,
         "targets": {"speedup_sft_min": 1.25, "speedup_ift_min": 1.5},
     }
-    _write(result, args.out)  # the timing is kept even if a memory child fails
+    write_result(result, args.out)  # the timing is kept even if a memory child fails
     mem = {m: child(m) for m in MODES} if args.memory else None
     if mem:
         result["peak_memory_bytes"] = {m: mem[m]["peak_bytes"] for m in MODES}
@@ -405,17 +406,8 @@ def main(argv=None) -> int:
         result["peak_memory_ratio_project_over_hf"] = {
             k: mem[f"mg_{k}"]["peak_bytes"] / mem[f"hf_{k}"]["peak_bytes"] for k in ("sft", "ift")
         }
-    _write(result, args.out)
+    write_result(result, args.out)
     return 0
-
-
-def _write(result: dict, path) -> None:
-    text = json.dumps(result, indent=2)
-    print(text)
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text + "\n")
 
 
 if __name__ == "__main__":

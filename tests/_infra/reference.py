@@ -218,3 +218,25 @@ def mixed_inputs(
 ) -> torch.Tensor:
     """``(1 - lam) * E[x] + lam * E[xhat]`` for a full embedding table ``E [V, h]``."""
     return (1.0 - lam) * embedding[tokens] + lam * embedding[tokens_hat]
+
+
+# -- the output layer's label log-probs (for the fused, chunked path) --------------------------
+
+#: Tolerances of the fused log-prob tests, relative to the largest entry.
+LOGPROB_TOL = {"torch.float64": 1e-12, "torch.float32": 1e-5}
+
+
+def output_layer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unfused: the output-layer GEMM, ``log_softmax``, the labels' log-probs ``[n]``; and the
+    gradients of ``hidden [n, h]`` and ``weight [v, h]`` under the upstream gradient ``[n]``."""
+    x = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    lp = torch.log_softmax(x @ w.t(), dim=-1).gather(-1, labels[:, None])[:, 0]
+    (lp * upstream).sum().backward()
+    return lp.detach(), x.grad, w.grad
+
+
+def close_relative(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """``max |a - b| <= tol x max(1, max |b|)``."""
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))

@@ -6,20 +6,7 @@ to the largest entry)."""
 import pytest
 import torch
 from _infra.launch import torchrun
-
-TOL = {"torch.float64": 1e-12, "torch.float32": 1e-5}
-
-
-def reference(hidden, weight, labels, upstream):
-    x = hidden.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    lp = torch.log_softmax(x @ w.t(), dim=-1).gather(-1, labels[:, None])[:, 0]
-    (lp * upstream).sum().backward()
-    return lp.detach(), x.grad, w.grad
-
-
-def close(a, b, tol):
-    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+from _infra.reference import LOGPROB_TOL, close_relative, output_layer_logprobs
 
 
 @pytest.mark.dist
@@ -28,8 +15,8 @@ def test_fused_chunked_vocab_parallel_equals_single_rank(tmp_path, world):
     out = tmp_path / "lp.pt"
     torchrun("perf_logprobs_tp.py", world, str(out), timeout=120)
     saved = torch.load(out)
-    ref = reference(*saved["data"])
+    ref = output_layer_logprobs(*saved["data"])
     assert len(saved["results"]) == 8
     for (dtype, chunk), got in saved["results"].items():
         for a, b in zip(got, ref):
-            assert close(a.double(), b, TOL[dtype]), (dtype, chunk)
+            assert close_relative(a.double(), b, LOGPROB_TOL[dtype]), (dtype, chunk)

@@ -5,23 +5,10 @@ sizes 1 / 4 / n / > n, at TP 1, 2 and 4. Tolerances: 1e-12 in float64, 1e-5 in f
 to the largest entry)."""
 import pytest
 import torch
+from _infra.reference import LOGPROB_TOL, close_relative, output_layer_logprobs
 from _infra.workers.vocab_parallel import label_logprobs
 
 from megatron_ift.ift.logprobs import linear_label_logprobs
-
-TOL = {"torch.float64": 1e-12, "torch.float32": 1e-5}
-
-
-def reference(hidden, weight, labels, upstream):
-    x = hidden.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    lp = torch.log_softmax(x @ w.t(), dim=-1).gather(-1, labels[:, None])[:, 0]
-    (lp * upstream).sum().backward()
-    return lp.detach(), x.grad, w.grad
-
-
-def close(a, b, tol):
-    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
@@ -33,18 +20,18 @@ def test_fused_chunked_equals_unfused_single_rank(chunk, dtype):
     weight = torch.randn(v, h, generator=g, dtype=torch.float64)
     labels = torch.randint(0, v, (n,), generator=g)
     upstream = torch.randn(n, generator=g, dtype=torch.float64)
-    ref = reference(hidden, weight, labels, upstream)
+    ref = output_layer_logprobs(hidden, weight, labels, upstream)
     x = hidden.to(dtype).requires_grad_(True)
     w = weight.to(dtype).requires_grad_(True)
     lp = linear_label_logprobs(x, w, labels, chunk_size=chunk)
     assert lp.dtype == dtype
     (lp * upstream.to(dtype)).sum().backward()
-    tol = TOL[str(dtype)]
+    tol = LOGPROB_TOL[str(dtype)]
     for got, want in zip((lp.detach(), x.grad, w.grad), ref):
-        assert close(got.double(), want, tol)
+        assert close_relative(got.double(), want, tol)
     # ... and equals the project's unfused trainable path on the same logits
     unfused = label_logprobs((hidden @ weight.t()).to(dtype), labels)
-    assert close(lp.detach().double(), unfused.double(), tol)
+    assert close_relative(lp.detach().double(), unfused.double(), tol)
 
 
 def test_fused_without_weight_gradient_and_bad_shapes():
