@@ -4,7 +4,7 @@
 the CPU, which also hides every placement bug a GPU run would hit first: a host batch fed to a
 CUDA model, a host buffer handed to NCCL, a ``.item()`` per micro-batch that stalls the stream.
 This module is the strict alternative for tests (and for trying a config's GPU path on a laptop):
-the process believes it has one CUDA device (``torch.cuda.is_available()`` is True, so our code and
+the process believes it has one CUDA device (``torch.cuda.is_available`` answers True, so our code and
 megatron-core's take their GPU branches), the arithmetic still runs on the CPU (losses can be
 compared with a normal CPU run), and what a real GPU would refuse fails here too.
 
