@@ -19,8 +19,8 @@ import os
 
 import pytest
 import torch
-from _infra import forkserver
 from _infra.launch import ROOT, torchrun
+from _infra.te import standin_env
 
 pytestmark = [pytest.mark.slow]
 
@@ -43,14 +43,10 @@ PRESETS = {
                                                  "parallel.context_parallel_size=2"], 4, True),
 }
 NO_OVERLAP = ["parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false"]
-STANDIN = os.path.join(ROOT, "tests", "_infra", "te_standin")
 
 
 def _env(te: bool) -> dict:
-    env = {"MEGATRON_IFT_EMULATE_CUDA": "1"}
-    if te:
-        env["PYTHONPATH"] = os.pathsep.join([STANDIN, forkserver.base_env()["PYTHONPATH"]])
-    return env
+    return standin_env() if te else {"MEGATRON_IFT_EMULATE_CUDA": "1"}
 
 
 def _run(preset: str, run_dir: str, *extra: str) -> None:

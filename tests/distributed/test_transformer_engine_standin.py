@@ -36,11 +36,11 @@ import pytest
 import torch
 from _infra import forkserver
 from _infra.launch import ROOT, torchrun
+from _infra.te import STANDIN, standin_env
 from _infra.training import losses, metrics
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1500)]  # the module fixture: ~14 runs
 
-STANDIN = os.path.join(ROOT, "tests", "_infra", "te_standin")
 WORKER = "train_cli.py"
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", "optimizer.lr_warmup_steps=0",
@@ -52,14 +52,9 @@ TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=t
 KEYS = ("loss", "loss_sft", "estimate_accuracy", "grad_norm")
 
 
-def _env() -> dict:
-    return {"PYTHONPATH": os.pathsep.join([STANDIN, forkserver.base_env()["PYTHONPATH"]]),
-            "MEGATRON_IFT_EMULATE_CUDA": "1"}
-
-
 def _train(nproc: int, run_dir: str, *overrides: str) -> str:
     return torchrun(WORKER, nproc, "--config", DEMO, f"checkpoint.dir={run_dir}", *COMMON,
-                    *overrides, timeout=600, env=_env())
+                    *overrides, timeout=600, env=standin_env())
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +130,7 @@ def test_resuming_thd_rows_at_another_cp_size_names_the_padding(runs):
     """The CP 2 run's rows were padded for TE's THD split; at CP 1 they are not, the data position
     no longer fits, and the refusal (one line, exit 2) says why."""
     d = runs["dir"]
-    env = dict(forkserver.base_env(), **_env())
+    env = dict(forkserver.base_env(), **standin_env())
     r = forkserver.run(["-m", "megatron_ift.train", "--config", DEMO, f"checkpoint.dir={d / 'te_thd_cp2'}",
                         *COMMON, *TE, f"checkpoint.pretrained={d / 'base'}", "train.steps=4",
                         "checkpoint.override_scheduler=true"], env=env)
@@ -192,7 +187,7 @@ def test_import_te_training_export(tmp_path):
                  f"data.tokenizer_path={imported}/tokenizer", "data.seq_length=128", "train.steps=2",
                  "train.micro_batch_size=1", "train.global_batch_size=2", "train.eval_interval=0",
                  "optimizer.lr_warmup_steps=0", "logging.tensorboard=false", *impl,
-                 timeout=600, env=_env())
+                 timeout=600, env=standin_env())
         exports[name] = tmp_path / f"export_{name}"
         assert convert_cli.main(["export-hf", str(run), str(exports[name]), "--no-progress"]) == 0
     te_losses, local_losses = losses(str(tmp_path / "run_te")), losses(str(tmp_path / "run_local"))

@@ -8,15 +8,12 @@ the rest of the suite still sees a machine without Transformer Engine.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _infra import ROOT
-
-STANDIN = os.path.join(ROOT, "tests", "_infra", "te_standin")
+from _infra.te import STANDIN
 
 
 @pytest.fixture(scope="module")
